@@ -1,0 +1,3 @@
+from fastcifar.cli import main
+
+raise SystemExit(main())

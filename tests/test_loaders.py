@@ -1,0 +1,365 @@
+"""The three train loaders (torch, torchvision, dali) and the two eval loaders, checked against the torch reference.
+
+Everything runs on the CPU (DALI in its CPU-only mode) on small random uint8 sets. Each image gets a unique label
+(its index), so every output can be traced back to its source image and matched against the 9 x 9 x 2 legal
+RandomCrop(32, padding=4) + horizontal-flip variants of that image, normalised by the reference Normalizer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar import FastCifarError
+from fastcifar.data import loaders
+from fastcifar.data.augment import CIFAR_MEAN, CIFAR_STD, PAD, SIZE, Normalizer, pad_images
+from fastcifar.data.loaders import IGNORE_LABEL, make_eval_loader, make_train_loader, resolve_loader, to_nchw_tensor
+
+KINDS = ["torch", "torchvision", "dali"]
+SPAN = 2 * PAD + 1  # 9 legal offsets per axis
+PATCH = 4  # side of the centre patch used to find the candidate variant
+CELLS = SPAN * SPAN * 2  # offset_y x offset_x x flip
+
+# 0.999 quantiles of the chi-square distribution (scipy is not a dependency). Computed once with mpmath:
+# findroot(gammainc(df/2, 0, x/2, regularized=True) - 0.999) -> df=1: 10.8276, df=80: 124.8392, df=161: 222.1914.
+CHI2_999 = {1: 10.8276, 80: 124.8392, 2 * SPAN * SPAN - 1: 222.1914}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The checks are many small tensor ops: one intra-op thread is several times faster than two on a small,
+    shared CPU (oversubscription). Restored afterwards so other test modules are unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _require(kind: str) -> None:
+    if kind == "dali":
+        pytest.importorskip("nvidia.dali")
+
+
+def random_set(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, SIZE, SIZE, 3), dtype=np.uint8), np.arange(n, dtype=np.int64)
+
+
+def train_loader(kind, images, labels, batch_size=64, *, num_workers=0, **kwargs):
+    _require(kind)
+    return make_train_loader(kind, images, labels, batch_size, "cpu", num_workers=num_workers, **kwargs)
+
+
+def reference_padded(images: np.ndarray) -> torch.Tensor:
+    """(N, 3, 40, 40) float32: the torch reference's normalisation of the zero-padded set (pad = -mean/std)."""
+    return Normalizer(CIFAR_MEAN, CIFAR_STD)(pad_images(to_nchw_tensor(images, "cpu")))
+
+
+def rel_tolerance(dtype: torch.dtype) -> float:
+    """One unit in the last place, relative, for the reduced-precision outputs; fp32 gets an absolute 1e-5 only."""
+    return 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+
+
+def identify(out: torch.Tensor, sources: torch.Tensor, dtype: torch.dtype = torch.float32, chunk: int = 128):
+    """Match each output image to the legal crop/flip variant of its own source it equals.
+
+    out: (B, 3, 32, 32) loader output (any dtype / memory format); sources: (B, 3, 40, 40) reference_padded rows.
+    Asserts the match is within 1e-5 (+ one ulp of `dtype`) elementwise and unambiguous.
+    Returns (off_y, off_x, flip) int64 tensors of shape (B,).
+    """
+    out = out.float().contiguous()
+    found = []
+    lo, hi = SIZE // 2 - PATCH // 2, SIZE // 2 + PATCH // 2  # a centre patch never reaches the zero border
+    for start in range(0, len(out), chunk):
+        o, src = out[start:start + chunk], sources[start:start + chunk]
+        # The candidate: the variant whose centre patch (channel 0) matches; cheap. The full image is then checked
+        # elementwise against that variant, so a wrong pick can only fail the test, never pass it.
+        patches = src[:, 0, lo:hi + 2 * PAD, lo:hi + 2 * PAD].unfold(1, PATCH, 1).unfold(2, PATCH, 1)  # b,9,9,p,p
+        centre = o[:, 0, lo:hi, lo:hi]
+        mirrored = o[:, 0, lo:hi, SIZE - hi:SIZE - lo].flip(-1)  # the centre patch of o.flip(-1)
+        errors = torch.stack([(patches - centre[:, None, None]).abs().amax(dim=(3, 4)),
+                              (patches - mirrored[:, None, None]).abs().amax(dim=(3, 4))], dim=-1)
+        best = errors.reshape(len(o), -1).topk(2, largest=False)
+        cell = best.indices[:, 0]
+        off_y, off_x, flip = cell // (2 * SPAN), (cell // 2) % SPAN, cell % 2
+        # Unambiguous: the runner-up is far off (patches of a random image at different places differ by ~1).
+        assert (best.values[:, 1] > 0.1).all()
+        windows = src.unfold(2, SIZE, 1).unfold(3, SIZE, 1)  # (b, 3, 9, 9, 32, 32) view
+        ref = windows[torch.arange(len(o)), :, off_y, off_x]  # (b, 3, 32, 32): the identified crop
+        ref = torch.where(flip.bool()[:, None, None, None], ref.flip(-1), ref)
+        err = (o - ref).abs()
+        bound = 1e-5 + rel_tolerance(dtype) * ref.abs()
+        assert (err <= bound).all(), f"max error {err.max().item():.3g} beyond the {dtype} rounding"
+        found.append(torch.stack([off_y, off_x, flip]))
+    return tuple(torch.cat(found, dim=1))
+
+
+def histogram(off_y, off_x, flip) -> np.ndarray:
+    counts = np.zeros((SPAN, SPAN, 2), dtype=np.int64)
+    np.add.at(counts, (off_y.numpy(), off_x.numpy(), flip.numpy()), 1)
+    return counts
+
+
+def chi2_uniform(counts: np.ndarray) -> float:
+    expected = counts.sum() / counts.size
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def chi2_homogeneity(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample chi-square statistic over the same cells (df = cells - 1)."""
+    table = np.stack([a.ravel(), b.ravel()]).astype(np.float64)
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every output is a legal, correctly normalised crop/flip of its own image; shape, dtype and layout are as asked.
+
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
+                                                 (torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_are_legal_crops_of_their_own_image(kind, dtype, channels_last):
+    images, labels = random_set(128, seed=1)
+    reference = reference_padded(images)
+    loader = train_loader(kind, images, labels, 32, dtype=dtype, channels_last=channels_last, seed=5)
+    loader.set_epoch(3)
+    seen = []
+    for batch, batch_labels in loader:
+        assert batch.shape == (32, 3, SIZE, SIZE) and batch.dtype == dtype and batch.device.type == "cpu"
+        assert batch.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert batch_labels.dtype == torch.int64 and batch_labels.shape == (32,)
+        # labels = source index: the image must be a variant of *that* source (labels stayed with their images)
+        seen.append(torch.stack(identify(batch, reference[batch_labels], dtype)))
+        seen[-1] = torch.cat([batch_labels[None], seen[-1]])
+    assert len(seen) == len(loader) == 4
+    if kind == "dali":
+        # The DALI loader's fed draws come out exactly: crop_pos k/8 on the 40x40 copy is offset k, mirror is a flip.
+        order, off_y, off_x, mirror = loader.epoch_plan(3)
+        got = torch.cat(seen, dim=1).numpy()
+        np.testing.assert_array_equal(got, np.stack([order, off_y, off_x, mirror])[:, :128])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Distribution: all 81 offsets and both flips, uniform (chi-square), and the same as torchvision's transforms.
+
+DRAW_IMAGES, DRAW_EPOCHS = 256, 16  # 4096 draws: ~25 per (offset_y, offset_x, flip) cell
+
+
+class Moments:
+    """Per-pixel mean and variance of the output images, accumulated in float64."""
+
+    def __init__(self):
+        self.n, self.sum, self.sumsq = 0, torch.zeros(3, SIZE, SIZE, dtype=torch.float64), 0.0
+
+    def add(self, batch):
+        batch = batch.double()
+        self.n, self.sum, self.sumsq = self.n + len(batch), self.sum + batch.sum(0), self.sumsq + (batch ** 2).sum(0)
+
+    def result(self):
+        mean = self.sum / self.n
+        return mean, self.sumsq / self.n - mean ** 2
+
+
+@functools.lru_cache(maxsize=None)
+def loader_draws(kind: str):
+    """(histogram, per-pixel mean, per-pixel variance of the output) over DRAW_EPOCHS epochs of a DRAW_IMAGES set."""
+    images, labels = random_set(DRAW_IMAGES, seed=2)
+    reference = reference_padded(images)
+    torch.manual_seed(0)  # torchvision with num_workers=0 draws from the global RNG
+    loader = train_loader(kind, images, labels, 128, seed=11)
+    counts, moments = np.zeros((SPAN, SPAN, 2), dtype=np.int64), Moments()
+    for epoch in range(DRAW_EPOCHS):
+        loader.set_epoch(epoch)
+        for batch, batch_labels in loader:
+            counts += histogram(*identify(batch, reference[batch_labels]))
+            moments.add(batch)
+    return counts, *moments.result()
+
+
+@functools.lru_cache(maxsize=None)
+def torchvision_transform_draws():
+    """The same statistics straight from torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    images, _ = random_set(DRAW_IMAGES, seed=2)
+    reference = reference_padded(images)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    pil = [Image.fromarray(image) for image in images]
+    torch.manual_seed(1234)
+    counts, moments = np.zeros((SPAN, SPAN, 2), dtype=np.int64), Moments()
+    for _ in range(DRAW_EPOCHS):
+        batch = torch.stack([transform(p) for p in pil])
+        counts += histogram(*identify(batch, reference))
+        moments.add(batch)
+    return counts, *moments.result()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_offsets_and_flips_are_uniform(kind):
+    _require(kind)
+    counts = loader_draws(kind)[0]
+    assert counts.sum() == DRAW_IMAGES * DRAW_EPOCHS
+    assert (counts > 0).all(), "some (offset_y, offset_x, flip) never occurred"
+    assert chi2_uniform(counts) < CHI2_999[counts.size - 1]
+    assert chi2_uniform(counts.sum(2)) < CHI2_999[SPAN * SPAN - 1]  # the 81 offsets
+    assert chi2_uniform(counts.sum((0, 1))) < CHI2_999[1]  # the flip
+
+
+def test_torchvision_transform_reference_is_uniform():
+    counts = torchvision_transform_draws()[0]
+    assert (counts > 0).all() and chi2_uniform(counts) < CHI2_999[counts.size - 1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_torchvision_statistically(kind):
+    """Same offset/flip distribution as torchvision's own transforms (two-sample chi-square), and the same mean
+    image over all draws: padding, flip direction and normalisation would all show up in the mean's border."""
+    _require(kind)
+    counts, mean, var = loader_draws(kind)
+    ref_counts, ref_mean, ref_var = torchvision_transform_draws()
+    assert chi2_homogeneity(counts, ref_counts) < CHI2_999[counts.size - 1]
+    # Per-pixel two-sample z-scores of the mean image. Over 3072 pixels a |z| above 5.5 has probability below
+    # 3072 * 3.8e-8 ~ 1e-4 (union bound). A wrong pad value would move the border means by ~1 (z ~ 30),
+    # a wrong normalisation every pixel.
+    z = (mean - ref_mean) / ((var + ref_var) / (DRAW_IMAGES * DRAW_EPOCHS)).sqrt()
+    assert z.abs().max().item() < 5.5
+    assert torch.allclose(var.sqrt(), ref_var.sqrt(), atol=0.1)  # same spread: the scale of the normalisation
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_pixels_are_minus_mean_over_std(kind):
+    images = np.full((64, SIZE, SIZE, 3), 200, dtype=np.uint8)
+    labels = np.arange(64)
+    pad_value = -torch.tensor(CIFAR_MEAN) / torch.tensor(CIFAR_STD)
+    image_value = (200 / 255 - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)
+    torch.manual_seed(0)
+    loader = train_loader(kind, images, labels, 64, seed=3)
+    padded = []
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for batch, _ in loader:
+            batch = batch.float()
+            is_pad = (batch - pad_value.view(1, 3, 1, 1)).abs() <= 1e-5
+            is_image = (batch - image_value.view(1, 3, 1, 1)).abs() <= 1e-5
+            assert (is_pad | is_image).all()
+            padded.append(is_pad.float().mean().item())
+    # E[padded fraction] = 1 - (32 - E|offset - 4|)^2 / 32^2 with E|offset - 4| = 20/9
+    assert np.mean(padded) == pytest.approx(1 - (SIZE - 20 / 9) ** 2 / SIZE ** 2, abs=0.02)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Epoch coverage, sharding, seeding.
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_epoch_yields_each_index_once(kind):
+    images, labels = random_set(256)
+    loader = train_loader(kind, images, labels, 32, seed=7)
+    seen = torch.cat([batch_labels for _, batch_labels in loader])
+    assert len(loader) == 8 and sorted(seen.tolist()) == list(range(256))
+
+    # drop-last: 200 images at batch 32 -> 6 full batches, 192 distinct indices, none twice
+    images, labels = random_set(200)
+    loader = train_loader(kind, images, labels, 32, seed=7)
+    seen = torch.cat([batch_labels for _, batch_labels in loader]).tolist()
+    assert len(loader) == 6 and len(seen) == len(set(seen)) == 6 * 32 and set(seen) <= set(range(200))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shards_partition_the_epoch(kind):
+    images, labels = random_set(256)
+    shards = []
+    for rank in range(2):
+        loader = train_loader(kind, images, labels, 32, seed=7, rank=rank, world_size=2)
+        loader.set_epoch(1)
+        assert len(loader) == 4
+        shards.append(set(torch.cat([batch_labels for _, batch_labels in loader]).tolist()))
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(256))
+
+
+def _epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seed_and_epoch_alone_determine_the_batches(kind):
+    images, labels = random_set(96)
+    workers = 2 if kind == "torchvision" else 0  # worker seeding; no-worker seeding is tested below
+    first = train_loader(kind, images, labels, 32, seed=9, num_workers=workers)
+    second = train_loader(kind, images, labels, 32, seed=9, num_workers=workers)
+    _epoch(second, 0)  # a different history must not matter
+    a, b = _epoch(first, 4), _epoch(second, 4)
+    assert len(a) == len(b) == 3
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
+        assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
+    other_epoch = _epoch(first, 5)
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, other_epoch)), "epochs 4 and 5 share their order"
+    other_seed = _epoch(train_loader(kind, images, labels, 32, seed=10, num_workers=workers), 4)
+    assert not all(torch.equal(x[1], y[1]) for x, y in zip(a, other_seed)), "seeds 9 and 10 share their order"
+
+
+def test_torchvision_without_workers_is_reproducible():
+    """Without workers the transforms run in-process on torch's global RNG: the loader seeds a forked copy."""
+    images, labels = random_set(64)
+    loader = train_loader("torchvision", images, labels, 32, seed=9, num_workers=0)
+    torch.manual_seed(1)
+    a = _epoch(loader, 2)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = _epoch(loader, 2)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global RNG is left as it was
+
+
+def test_dali_batches_stay_valid_after_later_steps():
+    """The DALI outputs reach torch zero-copy through DLPack; later pipeline runs must not overwrite them."""
+    _require("dali")
+    images, labels = random_set(256)
+    loader = train_loader("dali", images, labels, 32, seed=1)
+    batches = list(loader)
+    again = _epoch(train_loader("dali", images, labels, 32, seed=1), 0)
+    for (images_a, labels_a), (images_b, labels_b) in zip(batches, again):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    assert len({batch.data_ptr() for batch, _ in batches}) == len(batches)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Eval loaders: normalised only, in order, last batch padded with IGNORE_LABEL.
+
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True),
+                                                 (torch.float16, False)])
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_eval_batches_are_unaugmented_in_order_and_padded(kind, dtype, channels_last):
+    _require(kind)
+    images, labels = random_set(100, seed=4)
+    expected = Normalizer(CIFAR_MEAN, CIFAR_STD)(to_nchw_tensor(images, "cpu"))
+    for rank, world_size in [(0, 1), (1, 2)]:
+        loader = make_eval_loader(kind, images, labels, 32, "cpu", dtype, channels_last, rank, world_size)
+        batches = list(loader)
+        n = len(range(rank, 100, world_size))
+        assert len(loader) == len(batches) == -(-n // 32)
+        for batch, batch_labels in batches:
+            assert batch.shape == (32, 3, SIZE, SIZE) and batch.dtype == dtype
+            assert batch.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        got_images = torch.cat([batch for batch, _ in batches]).float()
+        got_labels = torch.cat([batch_labels for _, batch_labels in batches])
+        want = expected[rank::world_size]
+        assert torch.equal(got_labels[:n], torch.from_numpy(labels[rank::world_size]))
+        assert (got_labels[n:] == IGNORE_LABEL).all() and len(got_labels) - n == len(batches) * 32 - n
+        err = (got_images[:n] - want).abs()
+        assert (err <= 1e-5 + rel_tolerance(dtype) * want.abs()).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def test_resolve_loader_dali_without_dali_is_an_error(monkeypatch):
+    monkeypatch.setattr(loaders, "dali_available", lambda: False)
+    with pytest.raises(FastCifarError, match="DALI"):
+        resolve_loader("dali", torch.device("cpu"))
+    kind, notice = resolve_loader("auto", torch.device("cuda"))
+    assert kind == "torch" and "not installed" in notice

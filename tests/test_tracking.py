@@ -1,0 +1,115 @@
+"""Run directory files and the W&B adapter: what is logged, offline mode, failures, and --wandb off without wandb."""
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import REPO, TINY
+from fastcifar.config import build_config
+from fastcifar.tracking import RunDir, WandbTracker
+from fastcifar.train import fit
+
+
+class FakeRun:
+    def __init__(self, **init):
+        self.init, self.logged, self.summary, self.defined, self.finished, self.id = init, [], {}, [], None, "fake123"
+
+    def define_metric(self, name, **kw):
+        self.defined.append((name, kw))
+
+    def log(self, data):
+        self.logged.append(dict(data))
+
+    def finish(self, exit_code=0):
+        self.finished = exit_code
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    module = types.ModuleType("wandb")
+    module.runs = []
+
+    def init(**kw):
+        run = FakeRun(**kw)
+        module.runs.append(run)
+        return run
+
+    module.init = init
+    module.Image = lambda path: ("image", path)
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent")
+    return module
+
+
+def test_training_logs_config_epochs_layers_plots_and_flops(tmp_path, fake_wandb):
+    fit(build_config(**dict(TINY, wandb="auto", report=True), run_dir=str(tmp_path / "r")))
+    (run,) = fake_wandb.runs
+    assert run.init["mode"] == "offline"  # auto without an API key
+    assert run.init["config"]["config"]["batch_size"] == 16
+    epochs = [d for d in run.logged if "train/loss" in d]
+    assert [d["epoch"] for d in epochs] == [0, 1]
+    assert {"test/acc", "lr", "time/epoch_s", "perf/images_per_s"} <= set(epochs[0])
+    assert any(k.startswith("update_epoch/00.conv1") for k in epochs[0])
+    grads = [d for d in run.logged if any(k.startswith("grad_mean/") for k in d)]
+    assert grads and "grad_norm/40.fc" in grads[0] and "step" in grads[0]
+    assert any(k.startswith("update_step/") for d in run.logged for k in d)
+    plots = [d for d in run.logged if any(k.startswith("plots/") for k in d)]
+    assert plots and "plots/gradient_flow" in plots[0]
+    assert run.summary["flops/train_per_image"] > 1e9 and "best_test_acc" in run.summary
+    assert ("grad_mean/*", {"step_metric": "step"}) in run.defined
+    assert run.finished == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["wandb_run_id"] == "fake123"
+
+
+def test_a_wandb_failure_warns_once_and_training_goes_on(tmp_path, fake_wandb, capsys):
+    def broken_log(self, data):
+        raise RuntimeError("wandb service died")
+
+    FakeRun.log, original = broken_log, FakeRun.log
+    try:
+        summary = fit(build_config(**dict(TINY, epochs=1, wandb="offline"), run_dir=str(tmp_path / "r")))
+    finally:
+        FakeRun.log = original
+    assert summary["finished"]
+    err = capsys.readouterr().err
+    assert err.count("W&B failed") == 1 and "training continues" in err
+
+
+def test_api_key_means_online(monkeypatch, fake_wandb, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    tracker = WandbTracker("auto", "p", tmp_path, {}, "name")
+    assert tracker.mode == "online" and fake_wandb.runs[0].init["mode"] == "online"
+
+
+def test_wandb_off_runs_without_the_package(tmp_path):
+    """Some GPU machines lack wandb: with --wandb off it is never imported."""
+    code = ("import sys; sys.modules['wandb'] = None\n"  # any import of wandb now raises ImportError
+            "from fastcifar.cli import main\n"
+            f"raise SystemExit(main(['train', '--dataset', 'synthetic', '--synthetic-size', '32', '--batch-size', '16',"
+            f" '--epochs', '1', '--wandb', 'off', '--no-report', '--run-dir', {str(tmp_path / 'r')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r" / "summary.json").exists()
+
+
+def test_offline_wandb_for_real(tmp_path):
+    pytest.importorskip("wandb")
+    code = ("from fastcifar.cli import main\n"
+            f"raise SystemExit(main(['train', '--dataset', 'synthetic', '--synthetic-size', '32', '--batch-size', '16',"
+            f" '--epochs', '1', '--wandb', 'offline', '--no-report', '--run-dir', {str(tmp_path / 'r')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr
+    offline = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert offline and list(offline[0].glob("*.wandb"))
+
+
+def test_jsonl_rows_store_nan_as_null(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_jsonl("m.jsonl", {"a": float("nan"), "b": 1.5})
+    assert run.read_jsonl("m.jsonl") == [{"a": None, "b": 1.5}]

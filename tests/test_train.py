@@ -1,0 +1,148 @@
+"""The trainer through its real command line: learning, files, resume equivalence, flags, faults."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+from fastcifar.cli import main
+from fastcifar.config import build_config
+from fastcifar.train import fit
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+    """One default-size 2-epoch synthetic run through `python -m fastcifar train` (shared by several tests)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "synthetic"
+    result = run_cli("train", "--dataset", "synthetic", "--epochs", "2", "--run-dir", str(run_dir), "--wandb", "off")
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def test_two_epoch_synthetic_run_learns_and_records_everything(synthetic_run):
+    run_dir, result = synthetic_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and summary["epochs_done"] == 2
+    assert summary["final_test_acc"] >= 0.5, summary  # chance is 0.1
+    assert "SYNTHETIC" in summary["dataset"] and "SYNTHETIC" in result.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "train_time_s",
+                "train_images_per_s", "lr", "achieved_gflops"):
+        assert all(r[key] is not None for r in rows), key
+    assert rows[1]["lr"] < rows[0]["lr"]  # cosine
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["batch_size"] == 128 and config["config"]["optimizer"] == "adam"
+    assert config["resolved"]["compile"] is False and config["resolved"]["amp"] == "off"  # CPU auto
+    for name in ("last.pt", "best.pt"):
+        assert (run_dir / name).stat().st_size > 40e6  # 11.2 M fp32 parameters
+    # Printed: the resolved config, one line per epoch naming what is active, and the results table.
+    assert "resolved: device=cpu compile=False channels_last=True" in result.stdout
+    assert result.stdout.count("epoch ") >= 2 and "cpu channels_last fp32 torch" in result.stdout
+    assert "Best test accuracy" in result.stdout and "Average epoch time" in result.stdout
+    assert not list(run_dir.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "last.pt", weights_only=False)["model"]
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k and "flops" not in k} for r in rows]
+
+
+def test_resume_equals_straight_run_to_the_last_digit(tmp_path):
+    straight = fit(build_config(**TINY, run_dir=str(tmp_path / "a")))
+    assert straight["finished"]
+    fit(build_config(**TINY, run_dir=str(tmp_path / "b")), stop_after_epoch=1)
+    rows_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows_b) == 1
+    rc = main(["train", "--resume", str(tmp_path / "b"), "--progress", "off"])
+    assert rc == 0
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert _strip_times(ra) == _strip_times(rb)  # appended to the same metrics.jsonl, identical numbers
+    ga = (tmp_path / "a" / "grad_flow.jsonl").read_text()
+    assert ga == (tmp_path / "b" / "grad_flow.jsonl").read_text()
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path):
+    cfg = dict(TINY, epochs=1, monitor=False)
+    a = fit(build_config(**cfg, run_dir=str(tmp_path / "a")))
+    b = fit(build_config(**cfg, run_dir=str(tmp_path / "b")))
+    c = fit(build_config(**cfg, seed=1, run_dir=str(tmp_path / "c")))
+    assert a["final_train_loss"] == b["final_train_loss"] and a["final_test_loss"] == b["final_test_loss"]
+    assert a["final_train_loss"] != c["final_train_loss"]
+
+
+def test_resume_refuses_changed_recipe_and_finished_runs(tmp_path, capsys):
+    fit(build_config(**dict(TINY, epochs=1, monitor=False), run_dir=str(tmp_path / "r")))
+    assert main(["train", "--resume", str(tmp_path / "r"), "--lr", "0.5"]) == 1
+    assert "cannot change: --lr" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 1
+    assert "already finished all 1 epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "missing")]) == 1
+    assert "cannot resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be a positive whole number, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be a positive whole number, got -4"),
+    (["--epochs", "0"], "--epochs must be a positive whole number, got 0"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--lr=-1e-3"], "--lr must be positive"),
+    (["--weight-decay", "-1"], "--weight-decay must be zero or positive"),
+    (["--train-subset", "0"], "--train-subset must be positive"),
+    (["--stop-after-epoch", "0"], "--stop-after-epoch must be a positive whole number"),
+])
+def test_bad_numbers_are_refused_with_a_clear_message(flags, message, capsys, tmp_path):
+    assert main(["train", "--dataset", "synthetic", "--run-dir", str(tmp_path / "r"), *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer", "lion"], "invalid choice: 'lion'"),
+    (["--amp", "fp8"], "invalid choice: 'fp8'"),
+    (["--recipe", "nope"], "invalid choice: 'nope'"),
+    (["--epochs", "two"], "invalid int value: 'two'"),
+])
+def test_unknown_choices_exit_2_with_usage(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_data_is_explained(tmp_path, capsys):
+    rc = main(["train", "--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "128", "--wandb", "off",
+               "--run-dir", str(tmp_path / "r")])
+    assert rc == 1 and "fewer than one batch of 128" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere: permissions cannot be tested")
+def test_unwritable_run_dir_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["train", "--dataset", "synthetic", "--run-dir", str(locked / "run"), "--wandb", "off"]) == 1
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["train", "--dataset", "synthetic", "--run-dir", str(blocker / "run"), "--wandb", "off"]) == 1
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "Traceback" not in err
+
+
+def test_module_entry_point_and_help():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for flag in ("--epochs", "--batch-size", "--lr", "--optimizer", "--weight-decay", "--scheduler", "--compile",
+                 "--channels-last", "--amp", "--device", "--loader", "--wandb", "--resume", "--train-subset"):
+        assert flag in result.stdout
