@@ -174,7 +174,7 @@ def train_one_epoch(s: Session, epoch: int, progress) -> dict:
     totals = dist.all_reduce_sum(totals, s.info).tolist()
     seen = steps * loader.batch_size * s.info.world_size
     result = {"train_loss": totals[0] / seen, "train_acc": totals[1] / seen, "train_images": seen,
-              "flags": {k: sorted(v, key=s.monitor.layer_names.index) for k, v in flags.items()}}
+              "flags": {k: sorted(v, key=s.monitor.layer_names.index) if v else [] for k, v in flags.items()}}
     if s.monitor:
         result["update_ratio_epoch"] = s.monitor.end_epoch()
     return result

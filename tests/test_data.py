@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import write_batch
+from support import write_batch
 from fastcifar import FastCifarError
 from fastcifar.cli import main
 from fastcifar.data import cifar

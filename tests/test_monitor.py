@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY
+from support import TINY
 from fastcifar.config import build_config
 from fastcifar.monitor import LayerMonitor, default_grad_epochs
 from fastcifar.train import TrainingDiverged, fit

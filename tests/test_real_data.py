@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from support import REPO, run_cli
 from fastcifar.data.cifar import load_cifar10
 
 SHARED = REPO.parent / "shared" / "data" / "cifar10"

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from conftest import REPO, TINY
+from support import REPO, TINY
 from fastcifar.config import build_config
 from fastcifar.tracking import RunDir, WandbTracker
 from fastcifar.train import fit
@@ -49,7 +49,7 @@ def test_training_logs_config_epochs_layers_plots_and_flops(tmp_path, fake_wandb
     fit(build_config(**dict(TINY, wandb="auto", report=True), run_dir=str(tmp_path / "r")))
     (run,) = fake_wandb.runs
     assert run.init["mode"] == "offline"  # auto without an API key
-    assert run.init["config"]["config"]["batch_size"] == 16
+    assert run.init["config"]["config"]["batch_size"] == 8
     epochs = [d for d in run.logged if "train/loss" in d]
     assert [d["epoch"] for d in epochs] == [0, 1]
     assert {"test/acc", "lr", "time/epoch_s", "perf/images_per_s"} <= set(epochs[0])

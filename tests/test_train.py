@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from support import TINY, run_cli
 from fastcifar.cli import main
 from fastcifar.config import build_config
 from fastcifar.train import fit
