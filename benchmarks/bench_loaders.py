@@ -13,19 +13,17 @@ DALI versions go into benchmark.extra_info (see --benchmark-json).
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
 import torch
+from _common import CUDA, DEVICE, base_info, env_int, publish
 
 from fastcifar.data.loaders import make_eval_loader, make_train_loader
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda") if CUDA else torch.device("cpu")
-NUM_IMAGES = int(os.environ.get("FASTCIFAR_BENCH_IMAGES", 50_000 if CUDA else 2_048))
-BATCH_SIZE = int(os.environ.get("FASTCIFAR_BENCH_BATCH", 128))
+NUM_IMAGES = env_int("IMAGES", 50_000, 2_048)
+BATCH_SIZE = env_int("BATCH", 128, 128)
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 CHANNELS_LAST = CUDA
 TORCHVISION_WORKERS = 2
@@ -42,23 +40,6 @@ def dataset():
     images = rng.integers(0, 256, size=(NUM_IMAGES, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=NUM_IMAGES, dtype=np.int64)
     return images, labels
-
-
-def _versions() -> dict:
-    info = {"torch": torch.__version__}
-    try:
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    except Exception:  # DALI is optional
-        info["dali"] = None
-    return info
-
-
-def _device_name() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name(DEVICE)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def _run(benchmark, loader, kind: str, role: str, *, epochs_differ: bool):
@@ -80,15 +61,17 @@ def _run(benchmark, loader, kind: str, role: str, *, epochs_differ: bool):
         images_per_pass[0] = count
         return last
 
+    benchmark.group = f"{role} loader alone"
     benchmark.pedantic(one_pass, rounds=3, warmup_rounds=1, iterations=1)
     timed = durations[1:] if len(durations) > 1 else durations  # drop the warm-up where there is one
-    benchmark.extra_info.update({
-        "loader": kind, "role": role, "device": _device_name(), "num_images": NUM_IMAGES,
+    publish(benchmark, {
+        "loader": kind, "role": role, **base_info(), "num_images": NUM_IMAGES,
         "images_per_pass": images_per_pass[0], "batch_size": BATCH_SIZE, "dtype": str(DTYPE).replace("torch.", ""),
-        "channels_last": CHANNELS_LAST, **_versions(),
+        "channels_last": CHANNELS_LAST,
         "torchvision_workers": TORCHVISION_WORKERS if kind == "torchvision" else None,
         "images_per_s_best": round(images_per_pass[0] / min(timed)),
         "images_per_s_median": round(images_per_pass[0] / float(np.median(timed))),
+        "seconds_median": round(float(np.median(timed)), 4),
     })
     assert images_per_pass[0] == len(loader) * BATCH_SIZE
 
