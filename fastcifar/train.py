@@ -20,6 +20,7 @@ from fastcifar import FastCifarError, __version__
 from fastcifar import distributed as dist
 from fastcifar.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from fastcifar.config import Resolved, TrainConfig, resolve
+from fastcifar.console import epoch_line, make_progress, summary_table
 from fastcifar.data.cifar import Dataset, load_cifar10, make_synthetic, take_subsets
 from fastcifar.data.loaders import IGNORE_LABEL, make_eval_loader, make_train_loader
 from fastcifar.model import resnet18_cifar
@@ -196,17 +197,6 @@ def evaluate(s: Session) -> dict:
     return {"test_loss": loss_sum / count, "test_acc": correct / count}
 
 
-def _make_progress(cfg: TrainConfig, info: dist.DistInfo, total_images: int, epoch: int):
-    """A live bar with images/s on a terminal; None (plain epoch lines) when output is not a TTY."""
-    show = cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
-    if not show or not info.is_main:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total_images, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
-                desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr)
-
-
 def _setup(cfg: TrainConfig, info: dist.DistInfo, run: RunDir | None, ds: Dataset, res: Resolved) -> Session:
     torch.manual_seed(cfg.seed)
     if res.device.type == "cuda":
@@ -242,36 +232,6 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo, run: RunDir | None, ds: Datase
                    monitor, run, None)
 
 
-def _epoch_line(cfg, res, row) -> str:
-    perf = f"{row['train_images_per_s']:,.0f} img/s"
-    if row.get("achieved_tflops") is not None:
-        perf += f" | {row['achieved_tflops']:.1f} TFLOP/s"
-        if row.get("mfu") is not None:
-            perf += f" MFU {100 * row['mfu']:.1f}%"
-    elif row.get("achieved_gflops") is not None:
-        perf += f" | {row['achieved_gflops']:.1f} GFLOP/s"
-    flags = "; ".join(f"{k}: {', '.join(v[:4])}" + (f" (+{len(v) - 4} more)" if len(v) > 4 else "")
-                      for k, v in row["flags"].items() if v)
-    return (f"epoch {row['epoch'] + 1:>{len(str(cfg.epochs))}}/{cfg.epochs} | train loss {row['train_loss']:.4f} "
-            f"acc {100 * row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}% | "
-            f"lr {row['lr']:.2e} | {row['epoch_time_s']:.1f} s (train {row['train_time_s']:.1f} s) | {perf} | "
-            f"{res.device.type} {row['active']}" + (f" | FLAGGED {flags}" if flags else ""))
-
-
-def summary_table(summary: dict) -> str:
-    """The report's Table 2, for this run."""
-    rows = [("Final train accuracy", f"{100 * summary['final_train_acc']:.2f} %"),
-            ("Final test accuracy", f"{100 * summary['final_test_acc']:.2f} %"),
-            ("Best test accuracy", f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_epoch'] + 1})"),
-            ("Final train loss", f"{summary['final_train_loss']:.4f}"),
-            ("Final test loss", f"{summary['final_test_loss']:.4f}"),
-            ("Average epoch time", f"{summary['mean_epoch_time_s']:.2f} s (training part "
-                                   f"{summary['mean_train_time_s']:.2f} s, {summary['device_name']})")]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{'Metric':<{width}} | Value", f"{'-' * width}-+-{'-' * 30}"]
-    return "\n".join([*lines, *(f"{k:<{width}} | {v}" for k, v in rows)])
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -285,6 +245,7 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
     from fastcifar import flops as flops_mod
 
     info = dist.setup()
+    s: Session | None = None
     try:
         res = resolve(cfg, info.local_rank)
         checkpoint = None
@@ -342,14 +303,15 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
                                      resume_id=previous.get("wandb_run_id"))
             if s.tracker.run_id and checkpoint is None:
                 run.write_json("config.json", {**config_doc, "wandb_run_id": s.tracker.run_id})
-            s.tracker.set_summary({"flops/train_per_image": train_flops})
+            s.tracker.set_summary({"flops/train_per_image": train_flops,
+                                   "flops/forward_per_image": flops_mod.forward_flops_per_image(num_classes=len(ds.classes))})
             sys.stdout.flush()
 
         end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
         for epoch in range(start_epoch, end_epoch):
             s.sync()
             t0 = time.perf_counter()
-            progress = _make_progress(cfg, info, len(s.train_loader) * cfg.batch_size, epoch + 1)
+            progress = make_progress(cfg, info, len(s.train_loader) * cfg.batch_size, epoch + 1)
             lr = s.optimizer.param_groups[0]["lr"]
             try:
                 train = train_one_epoch(s, epoch, progress)
@@ -385,7 +347,7 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
                 save_checkpoint(run.file("last.pt"), **state)
                 if best_epoch == epoch:
                     save_checkpoint(run.file("best.pt"), **state)
-                print(_epoch_line(cfg, res, row), flush=True)
+                print(epoch_line(cfg, res, row), flush=True)
                 logged = {"epoch": epoch, "train/loss": row["train_loss"], "train/acc": row["train_acc"],
                           "test/loss": row["test_loss"], "test/acc": row["test_acc"], "lr": lr,
                           "time/epoch_s": row["epoch_time_s"], "time/train_s": row["train_time_s"],
@@ -433,9 +395,8 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
         return summary
     except BaseException:
         # A crash or a stop keeps every finished epoch (its checkpoint is already on disk) and closes W&B.
-        tracker = locals().get("s") and locals()["s"].tracker
-        if tracker:
-            tracker.finish(exit_code=1)
+        if s is not None and s.tracker is not None:
+            s.tracker.finish(exit_code=1)
         raise
     finally:
         dist.cleanup(info)

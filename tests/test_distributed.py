@@ -1,0 +1,29 @@
+"""torchrun with two CPU processes (gloo): each rank trains its shard, metrics are all-reduced, rank 0 writes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun not found beside this Python")
+def test_two_process_ddp_run_on_cpu(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastcifar", "train", "--dataset", "synthetic",
+         "--synthetic-size", "64", "--batch-size", "8", "--epochs", "1", "--wandb", "off", "--no-report",
+         "--progress", "off", "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert config["world_size"] == 2 and config["global_batch_size"] == 16 and config["steps_per_epoch"] == 4
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert row["train_images"] == 64  # 2 ranks x 4 steps x 8 images: every image once per epoch
+    assert "ddp x2" in row["active"]
