@@ -16,7 +16,7 @@ def make_progress(cfg: TrainConfig, info: dist.DistInfo, total_images: int, epoc
     from tqdm import tqdm
 
     return tqdm(total=total_images, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
-                desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr)
+                desc=f"epoch {epoch} [{epoch + 1}/{cfg.epochs}]", file=sys.stderr)
 
 
 def epoch_line(cfg: TrainConfig, res, row: dict) -> str:
@@ -29,7 +29,9 @@ def epoch_line(cfg: TrainConfig, res, row: dict) -> str:
         perf += f" | {row['achieved_gflops']:.1f} GFLOP/s"
     flags = "; ".join(f"{k}: {', '.join(v[:4])}" + (f" (+{len(v) - 4} more)" if len(v) > 4 else "")
                       for k, v in row["flags"].items() if v)
-    return (f"epoch {row['epoch'] + 1:>{len(str(cfg.epochs))}}/{cfg.epochs} | train loss {row['train_loss']:.4f} "
+    # Epochs are 0-based everywhere (files, plots, the report's "epochs 0, 5, …, 24"); [k/N] counts progress.
+    width = len(str(cfg.epochs))
+    return (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] | train loss {row['train_loss']:.4f} "
             f"acc {100 * row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}% | "
             f"lr {row['lr']:.2e} | {row['epoch_time_s']:.1f} s (train {row['train_time_s']:.1f} s) | {perf} | "
             f"{res.device.type} {row['active']}" + (f" | FLAGGED {flags}" if flags else ""))
@@ -39,7 +41,7 @@ def summary_table(summary: dict) -> str:
     """The report's Table 2, for this run."""
     rows = [("Final train accuracy", f"{100 * summary['final_train_acc']:.2f} %"),
             ("Final test accuracy", f"{100 * summary['final_test_acc']:.2f} %"),
-            ("Best test accuracy", f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_epoch'] + 1})"),
+            ("Best test accuracy", f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_epoch']}, 0-based)"),
             ("Final train loss", f"{summary['final_train_loss']:.4f}"),
             ("Final test loss", f"{summary['final_test_loss']:.4f}"),
             ("Average epoch time", f"{summary['mean_epoch_time_s']:.2f} s (training part "

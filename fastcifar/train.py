@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,10 +294,11 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
             print(f"data: {ds.description}")
             for notice in res.notices:
                 print(notice)
-            print("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-            print("resolved: " + " ".join(f"{k}={v}" for k, v in resolved.items()))
+            wrap = dict(width=118, subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
+            print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()), **wrap))
+            print(textwrap.fill("resolved: " + " ".join(f"{k}={v}" for k, v in resolved.items()), **wrap))
             if checkpoint is not None:
-                print(f"resuming after epoch {start_epoch} of {cfg.epochs} (best test acc so far "
+                print(f"resuming at epoch {start_epoch} ({start_epoch} of {cfg.epochs} done; best test acc so far "
                       f"{100 * best_acc:.2f}%)")
             previous = run.read_json("config.json") if checkpoint is not None else {}
             s.tracker = WandbTracker(cfg.wandb, cfg.wandb_project, run.path, config_doc, run.path.name,
@@ -311,7 +313,7 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
         for epoch in range(start_epoch, end_epoch):
             s.sync()
             t0 = time.perf_counter()
-            progress = make_progress(cfg, info, len(s.train_loader) * cfg.batch_size, epoch + 1)
+            progress = make_progress(cfg, info, len(s.train_loader) * cfg.batch_size, epoch)
             lr = s.optimizer.param_groups[0]["lr"]
             try:
                 train = train_one_epoch(s, epoch, progress)

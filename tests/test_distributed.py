@@ -21,7 +21,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
          "--progress", "off", "--run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("epoch 1/1") == 1  # rank 0 alone prints
+    assert result.stdout.count("epoch 0 [1/1]") == 1  # rank 0 alone prints
     config = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert config["world_size"] == 2 and config["global_batch_size"] == 16 and config["steps_per_epoch"] == 4
     (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

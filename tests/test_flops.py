@@ -206,3 +206,13 @@ def test_peak_tflops(name, dtype, expected):
 def test_peak_tflops_rejects_unknown_dtype():
     with pytest.raises(ValueError):
         flops.peak_tflops("NVIDIA H100 PCIe", "int8")
+
+
+def test_the_command_line_subcommand(capsys):
+    from fastcifar.cli import main
+
+    assert main(["flops", "--json", "--input-size", "8", "--verify"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"] == CIFAR_RESNET18_PARAMS and isinstance(report["conv_linear_macs"], int)
+    assert main(["flops", "--input-size", "4"]) == 1
+    assert "--input-size" in capsys.readouterr().err

@@ -146,3 +146,21 @@ def test_module_entry_point_and_help():
     for flag in ("--epochs", "--batch-size", "--lr", "--optimizer", "--weight-decay", "--scheduler", "--compile",
                  "--channels-last", "--amp", "--device", "--loader", "--wandb", "--resume", "--train-subset"):
         assert flag in result.stdout
+
+
+def test_plots_are_drawn_at_the_end_and_by_fastcifar_report(synthetic_run, tmp_path, capsys):
+    from PIL import Image
+
+    run_dir, result = synthetic_run
+    assert "\r" not in result.stderr  # not a terminal: plain lines, no progress bar
+    for name in ("training_curves", "gradient_flow", "weight_updates"):
+        png = run_dir / "plots" / f"{name}.png"
+        assert png.stat().st_size > 20_000
+        width, height = Image.open(png).size
+        assert width >= 1000 and height >= 400
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "again")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(tmp_path / "again" / f"{n}.png")
+                                     for n in ("gradient_flow", "training_curves", "weight_updates"))
+    assert main(["report", str(tmp_path / "not-a-run")]) == 1
+    assert "not a fastcifar run directory" in capsys.readouterr().err
