@@ -254,8 +254,8 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
             checkpoint = load_checkpoint(Path(resume_dir) / "last.pt")
         run_path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
         run_path = dist.broadcast_object(run_path, info)  # one timestamped folder for every rank
+        ds = load_dataset(cfg)  # before the run directory: a data error leaves no empty run behind
         run = RunDir(run_path) if info.is_main else None
-        ds = load_dataset(cfg)
         s = _setup(cfg, info, run, ds, res)
         start_epoch, best_acc, best_epoch = 0, -1.0, -1
         if checkpoint is not None:

@@ -77,6 +77,7 @@ def test_corrupt_data_is_one_clear_message_naming_the_file(cifar_copy, case, exp
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert err.startswith("fastcifar train: error: ")
+    assert not (cifar_copy.parent / "run").exists()  # no empty run directory left behind
 
 
 def test_missing_data_without_download_says_where_and_what_to_do(tmp_path):
