@@ -118,7 +118,7 @@ class WandbTracker:
         self._wandb = wandb
         try:
             self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), mode=mode,
-                                  id=resume_id, resume="allow" if resume_id else None, reinit=True)
+                                  id=resume_id, resume="allow" if resume_id else None)
             self._define_metrics()
         except Exception as exc:
             self._fail(exc)
