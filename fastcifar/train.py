@@ -120,7 +120,7 @@ def _monitor_sample(s: Session, epoch: int, step: int, global_step: int, losses:
             s.run.append_jsonl("grad_flow.jsonl", row)
     if s.tracker:
         logged = {"step": global_step}
-        for name, i in zip(s.monitor.layer_names, range(len(s.monitor.layer_names))):
+        for i, name in enumerate(s.monitor.layer_names):  # index prefix keeps W&B's charts in forward order
             logged[f"grad_mean/{i:02d}.{name}"] = stats["mean_abs"][i]
             logged[f"grad_norm/{i:02d}.{name}"] = stats["norm"][i]
             logged[f"grad_max/{i:02d}.{name}"] = stats["max_abs"][i]
