@@ -39,7 +39,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from fastcifar.data.augment import CIFAR_MEAN, CIFAR_STD, PAD, SIZE
-from fastcifar.data.loaders import IGNORE_LABEL, epoch_seed, shard_size
+from fastcifar.data.loaders import epoch_seed, eval_batches, shard_size
 
 NUM_OFFSETS = 2 * PAD + 1  # 9 legal crop offsets per axis
 # crop_mirror_normalize supports FLOAT, FLOAT16, INT8 and UINT8 outputs (DALI 2.4 has no BFLOAT16 type at all):
@@ -203,11 +203,6 @@ class DaliEvalLoader:
         return -(-self.num_images // self.batch_size)
 
     def __iter__(self):
-        for start in range(0, self.num_images, self.batch_size):
-            images = self.images[start:start + self.batch_size]  # a contiguous view: fed without a copy
-            labels = self.labels[start:start + self.batch_size]
-            short = self.batch_size - len(labels)
-            if short:
-                images = torch.cat([images, images.new_zeros((short, *images.shape[1:]))])
-                labels = torch.cat([labels, labels.new_full((short,), IGNORE_LABEL)])
+        # contiguous slices (the padded last batch is a fresh tensor): fed to DALI without a copy
+        for images, labels in eval_batches(self.images, self.labels, self.batch_size):
             yield self.runner(images), labels

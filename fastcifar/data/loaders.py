@@ -134,14 +134,19 @@ class EvalLoader:
         return -(-self.num_images // self.batch_size)
 
     def __iter__(self):
-        for start in range(0, self.num_images, self.batch_size):
-            images = self.images[start:start + self.batch_size]
-            labels = self.labels[start:start + self.batch_size]
-            short = self.batch_size - len(labels)
-            if short:
-                images = torch.cat([images, images.new_zeros((short, *images.shape[1:]))])
-                labels = torch.cat([labels, labels.new_full((short,), IGNORE_LABEL)])
+        for images, labels in eval_batches(self.images, self.labels, self.batch_size):
             yield self.normalize(images, self.dtype, self.channels_last), labels
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
+    """In-order uint8 batches; the last one padded to full size with zero images labelled IGNORE_LABEL."""
+    for start in range(0, len(labels), batch_size):
+        batch_images, batch_labels = images[start:start + batch_size], labels[start:start + batch_size]
+        short = batch_size - len(batch_labels)
+        if short:
+            batch_images = torch.cat([batch_images, batch_images.new_zeros((short, *batch_images.shape[1:]))])
+            batch_labels = torch.cat([batch_labels, batch_labels.new_full((short,), IGNORE_LABEL)])
+        yield batch_images, batch_labels
 
 
 def dali_available() -> bool:
