@@ -2,6 +2,7 @@
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -102,7 +103,8 @@ def test_planted_nan_stops_the_run_naming_epoch_and_step(tmp_path, monkeypatch):
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
+    # Patch train.py's own `F` only: the FLOP counter's cross-entropy (run once, cached) must not count a call.
+    monkeypatch.setattr(train_mod, "F", types.SimpleNamespace(cross_entropy=poisoned))
     with pytest.raises(TrainingDiverged, match=r"non-finite training loss at epoch 1 step 2 \(global step 6\)"):
         fit(build_config(**TINY, run_dir=str(tmp_path / "r")))
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
