@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, epoch: i
         **(extra or {}),
     }
     atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Atomically copy a finished checkpoint (best.pt from last.pt) without serialising the state again."""
+    with open(source, "rb") as src:
+        atomic_write_bytes(Path(target), lambda f: shutil.copyfileobj(src, f, 1 << 20))
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fastcifar import FastCifarError, __version__
 from fastcifar import distributed as dist
-from fastcifar.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from fastcifar.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from fastcifar.config import Resolved, TrainConfig, resolve
 from fastcifar.console import epoch_line, make_progress, summary_table
 from fastcifar.data.cifar import Dataset, load_cifar10, make_synthetic, take_subsets
@@ -348,7 +348,7 @@ def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch
                              extra={"best_epoch": best_epoch})
                 save_checkpoint(run.file("last.pt"), **state)
                 if best_epoch == epoch:
-                    save_checkpoint(run.file("best.pt"), **state)
+                    copy_checkpoint(run.file("last.pt"), run.file("best.pt"))
                 print(epoch_line(cfg, res, row), flush=True)
                 logged = {"epoch": epoch, "train/loss": row["train_loss"], "train/acc": row["train_acc"],
                           "test/loss": row["test_loss"], "test/acc": row["test_acc"], "lr": lr,
