@@ -16,6 +16,8 @@ import time
 import numpy as np
 import torch
 
+from fastcifar.flops import device_name as _device_name
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if CUDA else torch.device("cpu")
 
@@ -24,13 +26,6 @@ def env_int(name: str, cuda_default: int, cpu_default: int) -> int:
     """FASTCIFAR_BENCH_<name> if set, else the device's default size."""
     value = os.environ.get(f"FASTCIFAR_BENCH_{name}")
     return int(value) if value else (cuda_default if CUDA else cpu_default)
-
-
-def device_name() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name(DEVICE)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-           f"{torch.get_num_threads()} torch threads)"
 
 
 def versions() -> dict:
@@ -42,13 +37,6 @@ def versions() -> dict:
     except Exception:  # DALI is optional
         info["dali"] = None
     return info
-
-
-def dtype_name(dtype: torch.dtype | None) -> str:
-    if dtype is None or dtype == torch.float32:
-        # On CUDA the trainer enables TF32 for matmuls and convolutions: "fp32" there means fp32 storage, TF32 math.
-        return "fp32 (tf32 math)" if CUDA else "fp32"
-    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
 
 
 def sync() -> None:
@@ -82,6 +70,10 @@ def rate_info(durations: list[float], items: int, unit: str = "images") -> dict:
     median = float(np.median(durations))
     return {f"{unit}_per_s_best": round(items / min(durations), 1),
             f"{unit}_per_s_median": round(items / median, 1), "seconds_median": round(median, 4)}
+
+
+def device_name() -> str:
+    return _device_name(DEVICE)
 
 
 def base_info() -> dict:

@@ -1,21 +1,28 @@
-"""`fastcifar train | flops | report`: parsing and messages only; the work lives in train.py, flops.py, report.py.
+"""`fastcifar train | eval | flops | report`: parsing and messages only; the work lives in train.py, flops.py,
+report.py. Heavy modules (torch, torchvision, fvcore, matplotlib) are imported by the command that runs, so
+`fastcifar --help` answers at once.
 
-Expected failures (bad flags, missing or corrupt data, unwritable run dir, a diverged run) print one message
-and exit non-zero without a traceback.
+Expected failures (bad flags, missing or corrupt data, unwritable or busy run dir, a diverged run, a full disk)
+print one message and exit non-zero without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
+from pathlib import Path
 
 from fastcifar import FastCifarError, __version__
-from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, OPTIMIZERS, RECIPES, SCHEDULERS,
-                              WANDB_MODES, TrainConfig, build_config)
+from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, RECIPES, TTA_MODES, WANDB_MODES,
+                              TrainConfig, build_config, expand_path)
+from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
 # Flags that may change when a run is resumed; everything else comes from the run's config.json.
-RESUMABLE = {"progress", "wandb", "report", "num_workers", "data_dir"}
+# --epochs extends (or shortens) the schedule: see run.py and the README.
+RESUMABLE = {"progress", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download", "epochs",
+             "save_every", "target_acc", "peak_tflops"}
 
 
 def _int_list(text: str) -> list[int]:
@@ -25,22 +32,45 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 0,5,10, got {text!r}") from None
 
 
+def _auto_or_int(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--recipe", default="worksheet", choices=sorted(RECIPES),
-                   help="defaults to start from: worksheet = the lab report's table (default); fast = batch 512 throughput")
+                   help="defaults to start from: worksheet = the lab report's table (default); fast = the 15-epoch "
+                        "recipe (SGD, batch 512, cutout, flip TTA; see README)")
     g = p.add_argument_group("recipe (defaults: the report's)")
-    g.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    g.add_argument("--epochs", type=int, help=f"default {d.epochs}; with --resume, more epochs extend the run")
     g.add_argument("--batch-size", type=int, help=f"per process; default {d.batch_size}. The last partial batch of "
                                                   f"each epoch is dropped so shapes stay static")
-    g.add_argument("--eval-batch-size", type=int, help="default: the training batch size")
+    g.add_argument("--eval-batch-size", type=int, help="default: 1000 on CUDA, the training batch size on the CPU")
     g.add_argument("--lr", type=float, help=f"peak learning rate; default {d.lr}")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
-    g.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    g.add_argument("--weight-decay", type=float, help=f"on conv and linear weights; default {d.weight_decay}")
+    g.add_argument("--decay-norm-and-bias", action="store_const", const=True,
+                   help="apply weight decay to BatchNorm weights and biases too (default: not)")
     g.add_argument("--momentum", type=float, help=f"sgd only; default {d.momentum}")
-    g.add_argument("--scheduler", choices=SCHEDULERS, help="cosine: annealed to 0 over the whole run, stepped every "
-                                                           "optimizer step (default)")
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_const", const=False, help="sgd: plain momentum")
+    g.add_argument("--scheduler", choices=SCHEDULES, help="LR decay to 0 over the run, stepped every optimizer step; "
+                                                          "default cosine")
+    g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up before the decay; default 0")
     g.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
+    g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights "
+                                                              "with this per-step decay (e.g. 0.999); default off")
+    g.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: flip averages each test image's logits "
+                                                    "with its mirror image's; default off")
+    g.add_argument("--augment", metavar="SPEC",
+                   help="comma-separated: crop (RandomCrop 32, padding 4), crop=P (padding P), flip, cutout=N "
+                        "(an N x N square of the mean colour), or none; default crop,flip")
+    g.add_argument("--target-acc", type=float, metavar="A", help="stop once the test accuracy reaches A (e.g. 0.94), "
+                                                                 "after that epoch's checkpoint")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, help="cifar10 (default) or a small learnable SYNTHETIC set")
@@ -58,6 +88,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", choices=AUTO_ON_OFF, help="auto: on for CUDA, off on CPU")
     g.add_argument("--channels-last", choices=AUTO_ON_OFF, help="auto: on")
     g.add_argument("--amp", choices=AMP_CHOICES, help="auto: bf16 on CUDA (fp16 + GradScaler without bf16), off on CPU")
+    g.add_argument("--cuda-graphs", choices=AUTO_ON_OFF, help="capture the whole training step in a CUDA graph; "
+                                                              "auto: on for CUDA when compile is on")
     g.add_argument("--peak-tflops", type=float, help="device peak for MFU when the GPU is not in fastcifar's table")
     g = p.add_argument_group("monitoring and tracking")
     g.add_argument("--no-monitor", dest="monitor", action="store_const", const=False,
@@ -72,13 +104,53 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--progress", choices=AUTO_ON_OFF, help="auto: a live bar on a terminal, plain lines otherwise")
     g.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the PNGs at the end")
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", help="default runs/<timestamp>-<recipe>")
+    g.add_argument("--run-dir", help="default runs/<timestamp>-<recipe>; must not hold another run")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    g.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from a checkpoint's model weights "
+                                                             "(last.pt or best.pt)")
+    g.add_argument("--save-every", type=_auto_or_int, metavar="K", help="save last.pt every K epochs (and always "
+                   "the last); auto (default): every epoch on the CPU, on CUDA when saving costs <= 5%% of the "
+                   "training time since the last save")
     g.add_argument("--stop-after-epoch", type=int, metavar="K",
                    help="stop once K epochs of the schedule are done (resume later with --resume)")
 
 
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="last.pt or best.pt of a run (best.pt holds the best epoch's weights)")
+    p.add_argument("--tta", choices=TTA_MODES, default="off", help="flip: also report flip test-time augmentation")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the run's, else ~/.cache)")
+    p.add_argument("--no-download", dest="download", action="store_false", help="fail instead of downloading")
+    p.add_argument("--test-subset", type=int, metavar="N", help="seeded class-balanced subset of N test images")
+    p.add_argument("--batch-size", type=int, help="evaluation batch (default: 1000 on CUDA, 128 on the CPU)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_flops_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default 32, >= 8)")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="model stem (default cifar)")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch counted; reported per image and per batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object of exact integers")
+    p.add_argument("--verify", action="store_true",
+                   help="exit 1 unless hand counter, fvcore and FlopCounterMode agree on conv+linear")
+
+
 TRAIN_KEYS = set(TrainConfig.__dataclass_fields__) - {"recipe"}
+
+
+def _resumed_config(run_dir: str, given: dict) -> TrainConfig:
+    config_path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(config_path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FastCifarError(f"cannot resume from {run_dir}: {config_path} is missing or unreadable ({exc}).") from None
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
+    if changed:
+        raise FastCifarError(f"--resume continues the run as it was configured; these flags differ from its "
+                             f"config.json and cannot change: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    saved.update({k: v for k, v in given.items() if k in RESUMABLE})
+    return build_config(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -87,44 +159,56 @@ def run_train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in TRAIN_KEYS and v is not None}
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise FastCifarError(f"--stop-after-epoch must be a positive whole number, got {args.stop_after_epoch}")
-    if args.resume:
-        import json
-        from pathlib import Path
+    resume = expand_path(args.resume)
+    if resume and args.init_from:
+        raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
+    cfg = _resumed_config(resume, given) if resume else build_config(args.recipe, **given)
+    summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
+                  stop_after_epoch=args.stop_after_epoch)
+    return summary.get("exit_code", 0) if summary else 0
 
-        config_path = Path(args.resume) / "config.json"
-        try:
-            saved = json.loads(config_path.read_text())["config"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise FastCifarError(f"cannot resume from {args.resume}: {config_path} is missing or unreadable ({exc}).")
-        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
-        if changed:
-            raise FastCifarError(f"--resume continues the run as it was configured; these flags differ from its "
-                                 f"config.json and cannot change: {', '.join('--' + k.replace('_', '-') for k in changed)}")
-        saved.update({k: v for k, v in given.items() if k in RESUMABLE})
-        cfg = build_config(**saved)
-    else:
-        cfg = build_config(args.recipe, **given)
-    summary = fit(cfg, resume_dir=args.resume, stop_after_epoch=args.stop_after_epoch)
-    return 0 if summary is not None else 1
+
+def run_eval(args: argparse.Namespace) -> int:
+    from fastcifar.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(expand_path(args.checkpoint), tta=args.tta, data_dir=expand_path(args.data_dir),
+                                 download=args.download, test_subset=args.test_subset, device=args.device,
+                                 batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    tta = f" | flip TTA: accuracy {100 * result['test_acc_tta']:.2f} %, loss {result['test_loss_tta']:.4f}" \
+        if args.tta == "flip" else ""
+    print(f"{result['checkpoint']} ({result['weights']}, epoch {result['epoch']}) on {result['dataset']}:")
+    print(f"test accuracy {100 * result['test_acc']:.2f} %, loss {result['test_loss']:.4f} over "
+          f"{result['test_images']:,} images{tta}")
+    return 0
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    from fastcifar.flops import run_flops as flops_command
+
+    return flops_command(args)
 
 
 def run_report(args: argparse.Namespace) -> int:
     from fastcifar.report import make_report
 
-    for path in make_report(args.run_dir, out_dir=args.out):
+    for path in make_report(expand_path(args.run_dir), out_dir=expand_path(args.out)):
         print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastcifar.flops import add_flops_arguments, run_flops
-
     parser = argparse.ArgumentParser(prog="fastcifar", description="ResNet-18 on CIFAR-10, done right and fast.")
     parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,flops,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,flops,report}")
     p = sub.add_parser("train", help="train ResNet-18 on CIFAR-10 (the report's recipe by default)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the test set: accuracy and loss")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
     p = sub.add_parser("flops", help="count FLOPs by hand, with fvcore and with FlopCounterMode; --verify cross-checks")
     add_flops_arguments(p)
     p.set_defaults(func=run_flops)
@@ -144,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FastCifarError as exc:
         print(f"fastcifar {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
-        print(f"\nfastcifar {args.command}: interrupted. Finished epochs are kept in the run directory's last.pt; "
-              f"continue with --resume RUN_DIR.", file=sys.stderr)
+        print(f"\nfastcifar {args.command}: interrupted before anything was saved.", file=sys.stderr)
         return 130

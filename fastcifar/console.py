@@ -1,14 +1,20 @@
-"""What a person reads: the live progress bar, the epoch line and the final results table."""
+"""What a person reads: the live progress bar, the run's header, the epoch line and the final results table.
+
+The epoch line stays within 120 columns; what does not fit (flagged layers, the first epoch's compile time) goes
+on an indented line under it.
+"""
 
 from __future__ import annotations
 
 import sys
+import textwrap
 
 from fastcifar import distributed as dist
-from fastcifar.config import TrainConfig
+
+WIDTH = 120
 
 
-def make_progress(cfg: TrainConfig, info: dist.DistInfo, total_images: int, epoch: int):
+def make_progress(cfg, info: dist.DistInfo, total_images: int, epoch: int):
     """A live bar with images/s on a terminal; None (plain epoch lines) when output is not a TTY."""
     show = cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
     if not show or not info.is_main:
@@ -19,33 +25,79 @@ def make_progress(cfg: TrainConfig, info: dist.DistInfo, total_images: int, epoc
                 desc=f"epoch {epoch} [{epoch + 1}/{cfg.epochs}]", file=sys.stderr)
 
 
-def epoch_line(cfg: TrainConfig, res, row: dict) -> str:
+def wrapped(label: str, items: dict) -> str:
+    return textwrap.fill(f"{label}: " + " ".join(f"{k}={v}" for k, v in items.items()), width=WIDTH - 2,
+                         subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
+
+
+def legend(tta: bool) -> str:
+    acc = "train/test/test-with-flip-TTA" if tta else "train/test"
+    return (f"columns: loss train/test | acc {acc} | lr over the epoch | epoch wall time (+ checkpoint save) | "
+            f"training images/s")
+
+
+def _short(x: float) -> str:
+    """1.0e-3 rather than 1.00e-03: the LR range must fit the line."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def epoch_line(cfg, row: dict) -> str:
+    width = len(str(cfg.epochs))
+    accs = [row["train_acc"], row["test_acc"]] + ([row["test_acc_tta"]] if row.get("test_acc_tta") is not None else [])
+    acc = "/".join(f"{100 * a:.1f}" if len(accs) > 2 else f"{100 * a:.2f}" for a in accs)
     perf = f"{row['train_images_per_s']:,.0f} img/s"
-    if row.get("achieved_tflops") is not None:
-        perf += f" | {row['achieved_tflops']:.1f} TFLOP/s"
-        if row.get("mfu") is not None:
-            perf += f" MFU {100 * row['mfu']:.1f}%"
+    if row.get("mfu") is not None:
+        perf += f" MFU {100 * row['mfu']:.1f}%"
+    elif row.get("achieved_tflops") is not None:
+        perf += f" {row['achieved_tflops']:.1f} TFLOP/s"
     elif row.get("achieved_gflops") is not None:
-        perf += f" | {row['achieved_gflops']:.1f} GFLOP/s"
+        perf += f" {row['achieved_gflops']:.1f} GFLOP/s"
+    saved = f" +ckpt {row['checkpoint_time_s']:.2f}" if row.get("checkpoint_time_s") else ""
+    line = (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] "
+            f"loss {row['train_loss']:.3f}/{row['test_loss']:.3f} acc {acc}% "
+            f"lr {_short(row['lr'])}→{_short(row['lr_end'])} | {row['epoch_time_s']:.2f} s{saved} | {perf}")
+    notes = []
+    if row.get("compile_s"):
+        notes.append(f"this epoch includes {row['compile_s']:.1f} s of compilation and graph capture")
+    if row.get("first_reached"):
+        notes.append("reached " + ", ".join(f"{100 * t:g}%" for t in row["first_reached"]) +
+                     f" test accuracy after {row['elapsed_s']:.1f} s")
     flags = "; ".join(f"{k}: {', '.join(v[:4])}" + (f" (+{len(v) - 4} more)" if len(v) > 4 else "")
                       for k, v in row["flags"].items() if v)
-    # Epochs are 0-based everywhere (files, plots, the report's "epochs 0, 5, …, 24"); [k/N] counts progress.
-    width = len(str(cfg.epochs))
-    return (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] | train loss {row['train_loss']:.4f} "
-            f"acc {100 * row['train_acc']:.2f}% | test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}% | "
-            f"lr {row['lr']:.2e} | {row['epoch_time_s']:.1f} s (train {row['train_time_s']:.1f} s) | {perf} | "
-            f"{res.device.type} {row['active']}" + (f" | FLAGGED {flags}" if flags else ""))
+    if flags:
+        notes.append(f"FLAGGED {flags}")
+    return "\n".join([line] + [f"    {n}" for n in notes])
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.2f} s" if s < 120 else f"{s:.0f} s ({s / 60:.1f} min)"
 
 
 def summary_table(summary: dict) -> str:
-    """The report's Table 2, for this run."""
+    """The report's Table 2, for this run, with its time-to-accuracy and where the weights are."""
+    tta = summary.get("final_test_acc_tta") is not None
     rows = [("Final train accuracy", f"{100 * summary['final_train_acc']:.2f} %"),
-            ("Final test accuracy", f"{100 * summary['final_test_acc']:.2f} %"),
-            ("Best test accuracy", f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_epoch']}, 0-based)"),
-            ("Final train loss", f"{summary['final_train_loss']:.4f}"),
-            ("Final test loss", f"{summary['final_test_loss']:.4f}"),
-            ("Average epoch time", f"{summary['mean_epoch_time_s']:.2f} s (training part "
-                                   f"{summary['mean_train_time_s']:.2f} s, {summary['device_name']})")]
+            ("Final test accuracy", f"{100 * summary['final_test_acc']:.2f} %" +
+             (f" (flip TTA: {100 * summary['final_test_acc_tta']:.2f} %)" if tta else ""))]
+    rows += [(f"Best test accuracy ({summary['headline']})",
+              f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_epoch']}, 0-based)"),
+             ("Final train loss", f"{summary['final_train_loss']:.4f}"),
+             ("Final test loss", f"{summary['final_test_loss']:.4f}"),
+             ("Average epoch time", f"{summary['mean_epoch_time_s']:.2f} s (training part "
+                                    f"{summary['mean_train_time_s']:.2f} s, {summary['device_name']}; "
+                                    f"{summary['timed_epochs']} epoch(s) without compilation)"),
+             ("First epoch", f"{summary['first_epoch_time_s']:.2f} s, of which compilation and capture "
+                             f"{summary['compile_s']:.1f} s"),
+             ("Checkpoints", f"{summary['checkpoints']} saved in {summary['checkpoint_time_s']:.2f} s"),
+             ("Total wall time", f"{_seconds(summary['total_wall_s'])} (training {_seconds(summary['train_wall_s'])})")]
+    for threshold, reached in summary["time_to_acc"].items():
+        rows.append((f"Time to {threshold} test accuracy",
+                     f"epoch {reached['epoch']}, {_seconds(reached['wall_s'])} wall, "
+                     f"{_seconds(reached['train_s'])} training" if reached else "not reached"))
+    rows += [("Last checkpoint", summary["last_pt"] or "none saved"), ("Best weights", summary["best_pt"] or "-")]
     width = max(len(k) for k, _ in rows)
-    lines = [f"{'Metric':<{width}} | Value", f"{'-' * width}-+-{'-' * 30}"]
+    lines = [f"{'Metric':<{width}} | Value", f"{'-' * width}-+-{'-' * 40}"]
     return "\n".join([*lines, *(f"{k:<{width}} | {v}" for k, v in rows)])

@@ -45,6 +45,15 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, info: DistInfo, device) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a signal that reached one process)."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_object(obj, info: DistInfo):
     if not info.enabled:
         return obj

@@ -315,6 +315,29 @@ PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
+def device_name(device, world_size: int = 1) -> str:
+    """The one name of a training device: the GPU's own name, or the CPU's; "x N" under DDP."""
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{name} x {world_size}" if world_size > 1 else name
+
+
+def throughput(images_per_s: float, flops_per_image: int, device_type: str, peak_tflops: float | None,
+               world_size: int = 1) -> dict:
+    """Achieved training FLOP/s from a (global) image rate, and on CUDA the MFU: the peak is per GPU, so the
+    achieved rate is divided by the number of processes."""
+    achieved = images_per_s * flops_per_image
+    if device_type != "cuda":
+        return {"achieved_gflops": achieved / 1e9}
+    return {"achieved_tflops": achieved / 1e12,
+            "mfu": achieved / world_size / (peak_tflops * 1e12) if peak_tflops else None}
+
+
 def _norm(s: str) -> str:
     return re.sub(r"[-_\s]+", " ", s.upper()).strip()
 
@@ -333,16 +356,6 @@ def peak_tflops(device_name: str, dtype: str) -> float | None:
         if re.search(rf"(?<![A-Z0-9]){re.escape(_norm(key))}(?![A-Z0-9])", name):
             return peaks[dtype]
     return None
-
-
-def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default 32, >= 8)")
-    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="model stem (default cifar)")
-    parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch counted; reported per image and per batch")
-    parser.add_argument("--json", action="store_true", help="print one JSON object of exact integers")
-    parser.add_argument("--verify", action="store_true",
-                        help="exit 1 unless hand counter, fvcore and FlopCounterMode agree on conv+linear")
 
 
 def _unsupported_line(r: Report) -> str:

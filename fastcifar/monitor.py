@@ -1,12 +1,14 @@
 """Per-layer gradient flow and weight-update statistics, and the health flags built on them.
 
-A sample costs a handful of fused foreach ops over all parameters, a scatter into per-layer slots and one
-device->host copy: never a Python loop with a sync per parameter. Samples are taken outside the (compiled)
-model, after backward (and after GradScaler.unscale_ under fp16), so torch.compile sees no graph break.
+A sample is a handful of fused foreach ops over all parameters and a scatter into per-layer slots, written into
+buffers allocated once on the device: no host sync and no new allocation, so the same ops run inside a captured
+CUDA graph (the monitored variant of the training step). The host reads a sample with one copy (`read_sample`).
+Samples are taken outside the (compiled) model, after backward (and after GradScaler.unscale_ under fp16), so
+torch.compile sees no graph break.
 
 Rows written (JSON lines in the run directory, one row per layer per sample; see README "Run directory"):
-  grad_flow.jsonl  {epoch, step, layer, index, mean_abs, max_abs, norm}     gradients at a sampled step
-  updates.jsonl    {scope: "step"|"epoch", epoch, step, layer, index, ratio}  ||dW|| / ||W|| per layer
+  grad_flow.jsonl  {epoch, step, layer, index, kind, numel, mean_abs, max_abs, norm, rms}  gradients at a sampled step
+  updates.jsonl    {scope: "step"|"epoch", epoch, step, layer, index, kind, ratio, lr}     ||dW|| / ||W|| per layer
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ import math
 
 import torch
 import torch.nn as nn
+
+LAYER_KINDS = ((nn.modules.conv._ConvNd, "conv"), (nn.modules.batchnorm._NormBase, "norm"), (nn.Linear, "linear"))
+
+
+def layer_kind(module: nn.Module) -> str:
+    return next((kind for cls, kind in LAYER_KINDS if isinstance(module, cls)), "other")
 
 
 def parameterised_layers(model: nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
@@ -37,20 +45,23 @@ class LayerMonitor:
     def __init__(self, model: nn.Module, *, steps_per_epoch: int, epochs: int, grad_every: int | None = None,
                  grad_epochs: list[int] | None = None, grad_low: float = 1e-7, grad_high: float = 1e3):
         layers = parameterised_layers(model)
+        modules = dict(model.named_modules())
         self.layer_names = [name for name, _ in layers]
+        self.layer_kinds = [layer_kind(modules.get(name, model)) for name in self.layer_names]
         self.params = [p for _, params in layers for p in params]
         device = self.params[0].device
         self.layer_of_param = torch.tensor([i for i, (_, ps) in enumerate(layers) for _ in ps], device=device)
-        self.numel = torch.zeros(len(layers), device=device, dtype=torch.float64).index_add_(
-            0, self.layer_of_param, torch.tensor([float(p.numel()) for p in self.params], device=device,
-                                                 dtype=torch.float64))
+        self.layer_numel = [sum(p.numel() for p in ps) for _, ps in layers]
+        self.numel = torch.tensor(self.layer_numel, device=device, dtype=torch.float64)
         # Default: about four samples per epoch, the first at the epoch's first step.
         self.grad_every = grad_every or max(1, steps_per_epoch // 4)
         self.grad_epochs = set(grad_epochs if grad_epochs is not None else default_grad_epochs(epochs))
         self.steps_per_epoch = steps_per_epoch
         self.grad_low, self.grad_high = grad_low, grad_high
-        self._before_step: list[torch.Tensor] | None = None
-        self._epoch_start: list[torch.Tensor] | None = None
+        # Written on the device by a sample, read by the host once: rows mean_abs, max_abs, norm, update ratio.
+        self.sample = torch.zeros(4, len(layers), device=device, dtype=torch.float64)
+        self._before = [torch.empty_like(p) for p in self.params]  # weights before the sampled step
+        self._epoch_start = [torch.empty_like(p) for p in self.params]
 
     # --- schedule -------------------------------------------------------------------------------------
     def should_sample(self, epoch: int, step_in_epoch: int) -> bool:
@@ -62,7 +73,7 @@ class LayerMonitor:
             return step_in_epoch % quarter == 0
         return False
 
-    # --- per-layer reductions ------------------------------------------------------------------------
+    # --- per-layer reductions (device only) ----------------------------------------------------------
     def _per_layer_sum(self, per_param: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(len(self.layer_names), device=per_param.device, dtype=torch.float64)
         return out.index_add_(0, self.layer_of_param, per_param.double())
@@ -75,42 +86,51 @@ class LayerMonitor:
         l2 = torch.stack(torch._foreach_norm(tensors, 2))
         return self._per_layer_sum(l2.double() ** 2).sqrt()
 
-    def grad_stats(self) -> dict[str, list[float]]:
-        """mean |g|, max |g| and ||g||_2 per layer, moved to the host in one copy."""
+    def record_grads(self) -> None:
+        """mean |g|, max |g| and ||g||_2 per layer into the sample buffer (device ops only)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         l1 = torch.stack(torch._foreach_norm(grads, 1))
         l2 = torch.stack(torch._foreach_norm(grads, 2))
         linf = torch.stack(torch._foreach_norm(grads, float("inf")))
-        stats = torch.stack([self._per_layer_sum(l1) / self.numel, self._per_layer_max(linf),
-                             self._per_layer_sum(l2.double() ** 2).sqrt()]).cpu()
-        mean_abs, max_abs, norm = stats.tolist()
-        return {"mean_abs": mean_abs, "max_abs": max_abs, "norm": norm}
+        self.sample[0].copy_(self._per_layer_sum(l1) / self.numel)
+        self.sample[1].copy_(self._per_layer_max(linf))
+        self.sample[2].copy_(self._per_layer_sum(l2.double() ** 2).sqrt())
 
-    # --- weight updates --------------------------------------------------------------------------------
-    def snapshot(self) -> list[torch.Tensor]:
-        return torch._foreach_mul([p.detach() for p in self.params], 1.0)  # one fused copy
+    def snapshot_weights(self) -> None:
+        """Before the sampled optimizer step (device ops only)."""
+        torch._foreach_copy_(self._before, [p.detach() for p in self.params])
 
-    def _update_ratio(self, before: list[torch.Tensor]) -> list[float]:
-        now = [p.detach() for p in self.params]
-        delta = torch._foreach_sub(now, before)
-        ratio = self._layer_norms(delta) / self._layer_norms(before).clamp_min(1e-30)
-        return ratio.cpu().tolist()
+    def record_update(self) -> None:
+        """||W_after - W_before|| / ||W_before|| per layer into the sample buffer (device ops only)."""
+        self.sample[3].copy_(self._update_ratio(self._before))
+
+    def read_sample(self) -> dict[str, list[float]]:
+        """The sample buffer on the host: the sample's one sync."""
+        mean_abs, max_abs, norm, ratio = self.sample.cpu().tolist()
+        return {"mean_abs": mean_abs, "max_abs": max_abs, "norm": norm, "ratio": ratio}
+
+    def _update_ratio(self, before: list[torch.Tensor]) -> torch.Tensor:
+        delta = torch._foreach_sub([p.detach() for p in self.params], before)
+        return self._layer_norms(delta) / self._layer_norms(before).clamp_min(1e-30)
+
+    # --- host conveniences around the device ops (eager code and tests) --------------------------------
+    def grad_stats(self) -> dict[str, list[float]]:
+        self.record_grads()
+        stats = self.read_sample()
+        return {k: stats[k] for k in ("mean_abs", "max_abs", "norm")}
 
     def before_optimizer_step(self) -> None:
-        self._before_step = self.snapshot()
+        self.snapshot_weights()
 
     def after_optimizer_step(self) -> list[float]:
-        ratio = self._update_ratio(self._before_step)
-        self._before_step = None
-        return ratio
+        self.record_update()
+        return self.read_sample()["ratio"]
 
     def start_epoch(self) -> None:
-        self._epoch_start = self.snapshot()
+        torch._foreach_copy_(self._epoch_start, [p.detach() for p in self.params])
 
     def end_epoch(self) -> list[float]:
-        ratio = self._update_ratio(self._epoch_start)
-        self._epoch_start = None
-        return ratio
+        return self._update_ratio(self._epoch_start).cpu().tolist()
 
     # --- health -----------------------------------------------------------------------------------------
     def flag_layers(self, norms: list[float]) -> dict[str, list[str]]:
@@ -125,7 +145,14 @@ class LayerMonitor:
         return flags
 
     def rows(self, kind: str, values: dict[str, list[float]], **keys) -> list[dict]:
-        """Tidy rows: one per layer, `keys` (epoch, step, scope) repeated on each."""
+        """Tidy rows: one per layer, `keys` (epoch, step, scope) repeated on each. Gradient rows add the RMS
+        gradient, norm / sqrt(numel): comparable across layers of very different sizes."""
         names = list(values)
-        return [{**keys, "layer": layer, "index": i, **{n: values[n][i] for n in names}}
-                for i, layer in enumerate(self.layer_names)]
+        rows = []
+        for i, layer in enumerate(self.layer_names):
+            row = {**keys, "layer": layer, "index": i, "kind": self.layer_kinds[i], **{n: values[n][i] for n in names}}
+            if kind == "grad":
+                row["numel"] = self.layer_numel[i]
+                row["rms"] = values["norm"][i] / math.sqrt(self.layer_numel[i])
+            rows.append(row)
+        return rows

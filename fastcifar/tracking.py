@@ -1,43 +1,42 @@
-"""The run directory (config.json, metrics.jsonl, summary.json, monitor rows) and the W&B adapter.
+"""The run directory (its files and its lock) and ONE metrics sink that writes them and mirrors them to W&B.
 
 Files are the record; W&B is a mirror. A W&B failure prints one warning and turns W&B off for the rest of the
 run: it never stops or slows training. With --wandb off the wandb package is never imported.
+
+A run directory belongs to one run: a fresh run refuses a folder that already holds one, and a run holds an
+exclusive lock (flock on RUN/.lock, naming its process) for its whole life, resume included. The kernel drops the
+lock when the process dies, however it dies, so a stale lock never blocks a resume.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
+import statistics
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 from fastcifar import FastCifarError
-from fastcifar.checkpoint import atomic_write_bytes
+from fastcifar.files import append_lines, atomic_write, dumps, read_jsonl
 
+RUN_MARKERS = ("config.json", "last.pt", "metrics.jsonl")  # any of these: the folder holds a run
+JSONL_FILES = ("metrics.jsonl", "steps.jsonl", "grad_flow.jsonl", "updates.jsonl")
 
-def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
-
-
-def _clean(value):
-    """JSON has no NaN/Inf: store them as null so every row stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def dumps(obj) -> str:
-    return json.dumps(_clean(obj), default=_json_default, allow_nan=False)
+# metrics.jsonl field -> W&B key: the one map from the record to the mirror (a new metric is one line here).
+EPOCH_KEYS = {
+    "train_loss": "train/loss", "train_acc": "train/acc", "test_loss": "test/loss", "test_acc": "test/acc",
+    "test_loss_tta": "test/loss_tta", "test_acc_tta": "test/acc_tta", "lr": "lr",
+    "epoch_time_s": "time/epoch_s", "train_time_s": "time/train_s", "eval_time_s": "time/eval_s",
+    "compile_s": "time/compile_s", "elapsed_s": "time/elapsed_s", "elapsed_train_s": "time/elapsed_train_s",
+    "train_images_per_s": "perf/images_per_s", "achieved_tflops": "perf/tflops", "achieved_gflops": "perf/gflops",
+    "mfu": "perf/mfu",
+}
+SUMMARIES = {"test/acc": "max", "test/acc_tta": "max", "train/loss": "min", "test/loss": "min"}
 
 
 def default_run_dir(recipe: str) -> Path:
@@ -45,10 +44,20 @@ def default_run_dir(recipe: str) -> Path:
 
 
 class RunDir:
-    """One training run's folder. JSONL files get one object per line, flushed and fsynced as written."""
+    """One training run's folder. Nothing is created until `create()`."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, notice=print):
         self.path = Path(path)
+        self.notice = notice
+        self._lock_fd: int | None = None
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def holds_run(self) -> list[str]:
+        return [name for name in RUN_MARKERS if self.file(name).exists()]
+
+    def create(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-probe"
@@ -58,33 +67,104 @@ class RunDir:
             raise FastCifarError(f"run directory {self.path} is not writable ({exc.strerror or exc}): "
                                  f"pass --run-dir with a folder you can write to.") from None
 
-    def file(self, name: str) -> Path:
-        return self.path / name
+    def lock(self) -> None:
+        """Hold RUN/.lock for the life of this process; a second process is told who holds it."""
+        path = self.file(".lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise FastCifarError(f"cannot lock run directory {self.path} ({exc.strerror or exc}).") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FastCifarError(f"run directory {self.path} is in use by {holder}: wait for it to finish, or "
+                                 f"use another --run-dir.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"fastcifar pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{datetime.now().isoformat(timespec='seconds')}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the kernel releases the flock; the file stays (deleting it would race)
+            self._lock_fd = None
 
     def write_json(self, name: str, obj) -> None:
-        text = json.dumps(_clean(obj), default=_json_default, indent=2, allow_nan=False) + "\n"
-        atomic_write_bytes(self.file(name), lambda f: f.write(text.encode()))
+        atomic_write(self.file(name), (dumps(obj, indent=2) + "\n").encode())
 
     def read_json(self, name: str):
-        return json.loads(self.file(name).read_text())
+        try:
+            return json.loads(self.file(name).read_text())
+        except (OSError, ValueError) as exc:
+            raise FastCifarError(f"{self.file(name)} is missing or unreadable ({exc}).") from None
 
-    def append_jsonl(self, name: str, row: dict) -> None:
-        with open(self.file(name), "a") as f:
-            f.write(dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def append_jsonl(self, name: str, rows: dict | list[dict]) -> None:
+        append_lines(self.file(name), [rows] if isinstance(rows, dict) else rows)
 
     def read_jsonl(self, name: str) -> list[dict]:
-        path = self.file(name)
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.file(name), self.notice)
 
     def truncate_jsonl(self, name: str, keep) -> None:
-        """On resume: keep only the rows of epochs the checkpoint holds (a crash may have left one more)."""
-        rows = [r for r in self.read_jsonl(name) if keep(r)]
-        text = "".join(dumps(r) + "\n" for r in rows)
-        atomic_write_bytes(self.file(name), lambda f: f.write(text.encode()))
+        """On resume: keep only the rows of epochs the checkpoint holds (a crash may have left more, or a torn
+        line). Rewritten only when something is dropped."""
+        path = self.file(name)
+        if not path.exists():
+            return
+        rows = self.read_jsonl(name)
+        kept = [r for r in rows if keep(r)]
+        text = "".join(dumps(r) + "\n" for r in kept)
+        if text.encode() != path.read_bytes():
+            atomic_write(path, text.encode())
+
+
+class MetricsSink:
+    """Where a run's numbers go: rows to the JSONL files of the run directory, the same numbers to W&B."""
+
+    def __init__(self, run: RunDir, tracker: WandbTracker):
+        self.run, self.tracker = run, tracker
+        self._layer_history: dict[str, dict[int, list[float]]] = {}
+
+    def epoch(self, row: dict) -> None:
+        self.run.append_jsonl("metrics.jsonl", row)
+        self.tracker.log({"epoch": row["epoch"], **{key: row[field] for field, key in EPOCH_KEYS.items()
+                                                     if isinstance(row.get(field), (int, float))}})
+
+    def steps(self, rows: list[dict]) -> None:
+        self.run.append_jsonl("steps.jsonl", rows)
+
+    def layer_sample(self, grad_rows: list[dict], update_rows: list[dict]) -> None:
+        """One monitor sample: per-layer rows to the files; to W&B, a few run-level scalars only."""
+        self.run.append_jsonl("grad_flow.jsonl", grad_rows)
+        self.run.append_jsonl("updates.jsonl", update_rows)
+        rms = [r["rms"] for r in grad_rows if _finite(r["rms"])]
+        ratios = [r["ratio"] for r in update_rows if _finite(r["ratio"])]
+        global_norm = math.sqrt(sum(r["norm"] ** 2 for r in grad_rows)) if all(_finite(r["norm"]) for r in grad_rows) \
+            else math.nan
+        self.tracker.log({"step": grad_rows[0]["step"], "grad/global_norm": global_norm,
+                          "grad/layer_rms_min": min(rms, default=math.nan),
+                          "grad/layer_rms_max": max(rms, default=math.nan),
+                          "update/step_ratio_median": statistics.median(ratios) if ratios else math.nan})
+
+    def layer_epoch(self, epoch: int, update_rows: list[dict], grad_rms: list[float] | None) -> None:
+        """Per-layer statistics of a finished epoch: rows to the files; to W&B one line chart per statistic,
+        a line per epoch across the layers (Figure 2 and 3 live), instead of a chart per layer."""
+        self.run.append_jsonl("updates.jsonl", update_rows)
+        series = {"layers/update_ratio_epoch": [r["ratio"] for r in update_rows]}
+        if grad_rms is not None:
+            series["layers/grad_rms"] = grad_rms
+        for key, values in series.items():
+            self._layer_history.setdefault(key, {})[epoch] = values
+            self.tracker.line_series(key, self._layer_history[key], [r["layer"] for r in update_rows])
+
+    def summary(self, summary: dict) -> None:
+        self.run.write_json("summary.json", summary)
+        self.tracker.set_summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _wandb_has_api_key() -> bool:
@@ -117,8 +197,10 @@ class WandbTracker:
         self.mode = mode
         self._wandb = wandb
         try:
+            # quiet: no end-of-run history dump burying fastcifar's own results table
             self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), mode=mode,
-                                  id=resume_id, resume="allow" if resume_id else None)
+                                  id=resume_id, resume="allow" if resume_id else None,
+                                  settings=wandb.Settings(quiet=True))
             self._define_metrics()
         except Exception as exc:
             self._fail(exc)
@@ -128,12 +210,12 @@ class WandbTracker:
         return getattr(self.run, "id", None)
 
     def _define_metrics(self):
-        # Per-epoch charts against epoch; per-sample layer statistics against the global step.
+        # Per-epoch charts against epoch; per-sample statistics against the global step.
         self.run.define_metric("epoch")
-        for prefix in ("train/*", "test/*", "time/*", "perf/*", "lr", "update_epoch/*"):
-            self.run.define_metric(prefix, step_metric="epoch")
         self.run.define_metric("step")
-        for prefix in ("grad_mean/*", "grad_max/*", "grad_norm/*", "update_step/*"):
+        for key in EPOCH_KEYS.values():
+            self.run.define_metric(key, step_metric="epoch", **({"summary": SUMMARIES[key]} if key in SUMMARIES else {}))
+        for prefix in ("grad/*", "update/*"):
             self.run.define_metric(prefix, step_metric="step")
 
     def _fail(self, exc: Exception):
@@ -146,6 +228,19 @@ class WandbTracker:
             return
         try:
             self.run.log(data)
+        except Exception as exc:
+            self._fail(exc)
+
+    def line_series(self, key: str, by_epoch: dict[int, list[float]], layers: list[str]) -> None:
+        if self.run is None:
+            return
+        try:
+            epochs = sorted(by_epoch)
+            chart = self._wandb.plot.line_series(
+                xs=list(range(len(layers))), ys=[by_epoch[e] for e in epochs], keys=[f"epoch {e}" for e in epochs],
+                title=f"{key.split('/')[-1]} per layer (x: layer index in forward order, 0 = {layers[0]})",
+                xname="layer index")
+            self.run.log({key: chart})
         except Exception as exc:
             self._fail(exc)
 

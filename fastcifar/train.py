@@ -1,204 +1,74 @@
-"""fit(): the epoch loop, the train step and evaluation, with compile / AMP / channels_last set up once.
+"""Training in three layers: train_step (one optimizer step, the unit a CUDA graph captures) -> train_one_epoch ->
+fit (open the run, loop epochs, close the run); plus evaluate and build_session.
 
-The hot path (one step, ~20,000 per worksheet run) does no host sync: per-step loss and correct counts go into
-preallocated device tensors, read once per epoch and at the monitor's sample steps. Everything that is written,
-logged or plotted happens between epochs, on rank 0.
+The hot path (one step, ~20,000 per worksheet run) does no host sync: the per-step loss and correct count go into
+device buffers, the LR comes from a device-side schedule, and the host reads the buffers once per epoch and at
+the monitor's sample steps. Everything that is written, logged or printed happens between epochs (run.py).
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import textwrap
+import functools
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from fastcifar import FastCifarError, __version__
+from fastcifar import TrainingDiverged
 from fastcifar import distributed as dist
-from fastcifar.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from fastcifar.config import Resolved, TrainConfig, resolve
-from fastcifar.console import epoch_line, make_progress, summary_table
-from fastcifar.data.cifar import Dataset, load_cifar10, make_synthetic, take_subsets
-from fastcifar.data.loaders import IGNORE_LABEL, make_eval_loader, make_train_loader
+from fastcifar.config import Resolved, TrainConfig
+from fastcifar.cuda_graphs import EagerStep, GraphedStep
+from fastcifar.data.augment import parse_augment
+from fastcifar.data.cifar import Dataset
+from fastcifar.data.loaders import make_eval_loader, make_train_loader
+from fastcifar.data.plan import IGNORE_LABEL, EvalLoader, TrainLoader
 from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import LayerMonitor
-from fastcifar.tracking import RunDir, WandbTracker, default_run_dir
-
-SYNTHETIC_DATA_SEED = 1234  # the synthetic set is the same whatever --seed, so runs compare
-
-
-class TrainingDiverged(FastCifarError):
-    """A NaN/Inf loss or gradient: the run stops, the last good checkpoint stays."""
+from fastcifar.optim import LRSchedule, WeightEMA, build_optimizer
+from fastcifar.run import TrainingRun
 
 
-def load_dataset(cfg: TrainConfig) -> Dataset:
-    if cfg.dataset == "synthetic":
-        ds = make_synthetic(cfg.synthetic_size, max(cfg.synthetic_size // 2, 10), seed=SYNTHETIC_DATA_SEED)
-    else:
-        ds = load_cifar10(cfg.data_dir, download=cfg.download)
-    return take_subsets(ds, cfg.train_subset, cfg.test_subset, cfg.seed)
-
-
-class CosineFactor:
-    """LR factor for cosine annealing from 1 to 0 over `total_steps` optimizer steps (stepped per step)."""
-
-    def __init__(self, total_steps: int):
-        self.total_steps = max(total_steps, 1)
-
-    def __call__(self, step: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on CUDA
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                           weight_decay=cfg.weight_decay, **fused)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    factor = CosineFactor(total_steps) if cfg.scheduler == "cosine" else (lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+__all__ = ["Session", "TrainingDiverged", "build_session", "evaluate", "fit", "train_one_epoch", "train_step"]
 
 
 @dataclass
 class Session:
-    """Everything one run holds; built once by fit()."""
+    """Everything a run trains with; built once by build_session()."""
 
     cfg: TrainConfig
     res: Resolved
     info: dist.DistInfo
     model: torch.nn.Module  # the eager module: state_dicts, monitoring, FLOPs
     step_model: torch.nn.Module  # what the step calls: DDP and/or torch.compile around `model`
+    eval_model: torch.nn.Module  # what evaluation calls: compiled `model`, or the EMA copy
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: LRSchedule
     scaler: torch.amp.GradScaler
-    train_loader: object
-    eval_loader: object
+    ema: WeightEMA | None
+    train_loader: TrainLoader
+    eval_loader: EvalLoader
     monitor: LayerMonitor | None
-    run: RunDir | None  # None on ranks other than 0
-    tracker: WandbTracker | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    step_losses: torch.Tensor  # (steps,) this epoch's training losses, written on the device by each step
+    step_correct: torch.Tensor  # (steps,) correct predictions per step
+    step_index: torch.Tensor  # () the step of the epoch, on the device: where the step writes
+    stepper: EagerStep | GraphedStep | None = None
+    stop_requested: Callable[[], bool] = lambda: False  # set by the run: a signal asked to stop at a step boundary
+    eval_compiled: bool = field(default=False)
 
     def autocast(self):
-        return torch.autocast(self.res.device.type, dtype=self.res.amp_dtype or torch.float32,
-                              enabled=self.res.amp_dtype is not None)
+        return autocast(self.res)
 
     def sync(self):
-        if self.res.device.type == "cuda":
-            torch.cuda.synchronize(self.res.device)
+        _sync(self.res.device)
 
 
-def _check_finite(s: Session, losses: torch.Tensor, upto: int, epoch: int) -> None:
-    """One sync: raise if any of the first `upto` step losses of this epoch is NaN/Inf, naming the step."""
-    bad = (~torch.isfinite(losses[:upto])).nonzero()
-    if len(bad):
-        step = int(bad[0])
-        raise TrainingDiverged(
-            f"non-finite training loss at epoch {epoch} step {step} (global step "
-            f"{epoch * len(s.train_loader) + step}): training stopped. The last good checkpoint is kept"
-            + (f" in {s.run.file('last.pt')}" if s.run else "")
-            + " (lower --lr, or try --amp off, then --resume from it or start again).")
-
-
-def _monitor_sample(s: Session, epoch: int, step: int, global_step: int, losses: torch.Tensor) -> dict:
-    stats = s.monitor.grad_stats()  # the host copy here is the sample's one sync
-    _check_finite(s, losses, step + 1, epoch)
-    flags = s.monitor.flag_layers(stats["norm"])
-    if flags["nonfinite"] and not s.res.grad_scaler:  # under fp16 the scaler skips inf steps by design
-        raise TrainingDiverged(f"non-finite gradient at epoch {epoch} step {step} (global step {global_step}) in "
-                               f"{', '.join(flags['nonfinite'][:5])}: training stopped; the last good checkpoint "
-                               f"is kept. Lower --lr or use --amp off.")
-    if s.run:
-        for row in s.monitor.rows("grad", stats, epoch=epoch, step=global_step):
-            s.run.append_jsonl("grad_flow.jsonl", row)
-    if s.tracker:
-        logged = {"step": global_step}
-        for i, name in enumerate(s.monitor.layer_names):  # index prefix keeps W&B's charts in forward order
-            logged[f"grad_mean/{i:02d}.{name}"] = stats["mean_abs"][i]
-            logged[f"grad_norm/{i:02d}.{name}"] = stats["norm"][i]
-            logged[f"grad_max/{i:02d}.{name}"] = stats["max_abs"][i]
-        s.tracker.log(logged)
-    return flags
-
-
-def train_one_epoch(s: Session, epoch: int, progress) -> dict:
-    model, loader, cfg = s.step_model, s.train_loader, s.cfg
-    s.model.train()
-    loader.set_epoch(epoch)
-    steps = len(loader)
-    device = s.res.device
-    losses = torch.zeros(steps, device=device)
-    corrects = torch.zeros(steps, device=device, dtype=torch.int64)
-    flags = {"vanishing": set(), "exploding": set()}
-    if s.monitor:
-        s.monitor.start_epoch()
-
-    for step, (images, labels) in enumerate(loader):
-        global_step = epoch * steps + step
-        sample = s.monitor is not None and s.monitor.should_sample(epoch, step)
-        with s.autocast():
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scaler.scale(loss).backward()
-        losses[step] = loss.detach()
-        corrects[step] = (logits.detach().argmax(1) == labels).sum()
-        if sample:
-            if s.res.grad_scaler:
-                s.scaler.unscale_(s.optimizer)  # statistics of the true gradients, not the scaled ones
-            for kind, layers in _monitor_sample(s, epoch, step, global_step, losses).items():
-                if kind in flags:
-                    flags[kind].update(layers)
-            s.monitor.before_optimizer_step()
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        s.scheduler.step()
-        if sample:
-            ratio = s.monitor.after_optimizer_step()
-            if s.run:
-                for row in s.monitor.rows("update", {"ratio": ratio}, scope="step", epoch=epoch, step=global_step):
-                    s.run.append_jsonl("updates.jsonl", row)
-            if s.tracker:
-                s.tracker.log({"step": global_step, **{f"update_step/{i:02d}.{n}": r for i, (n, r)
-                                                       in enumerate(zip(s.monitor.layer_names, ratio))}})
-        if progress is not None:
-            progress.update(len(labels))
-
-    _check_finite(s, losses, steps, epoch)
-    totals = torch.stack([losses.sum() * loader.batch_size, corrects.sum().to(losses.dtype)])
-    totals = dist.all_reduce_sum(totals, s.info).tolist()
-    seen = steps * loader.batch_size * s.info.world_size
-    result = {"train_loss": totals[0] / seen, "train_acc": totals[1] / seen, "train_images": seen,
-              "flags": {k: sorted(v, key=s.monitor.layer_names.index) if v else [] for k, v in flags.items()}}
-    if s.monitor:
-        result["update_ratio_epoch"] = s.monitor.end_epoch()
-    return result
-
-
-@torch.no_grad()
-def evaluate(s: Session) -> dict:
-    s.model.eval()
-    device = s.res.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for images, labels in s.eval_loader:
-        with s.autocast():
-            logits = s.step_model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_LABEL, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()  # padded rows have label -100: never correct
-    count = torch.tensor(float(s.eval_loader.num_images), device=device)
-    loss_sum, correct, count = dist.all_reduce_sum(torch.stack([loss_sum, correct.float(), count]), s.info).tolist()
-    return {"test_loss": loss_sum / count, "test_acc": correct / count}
-
-
-def _setup(cfg: TrainConfig, info: dist.DistInfo, run: RunDir | None, ds: Dataset, res: Resolved) -> Session:
+def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resolved, *,
+                  loss_fn: Callable | None = None, notice: Callable[[str], None] = print) -> Session:
+    """The model, loaders, optimizer, schedule and step for `cfg` on `res.device`. `loss_fn(logits, labels)`
+    replaces the cross-entropy (tests and experiments)."""
     torch.manual_seed(cfg.seed)
     if res.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
@@ -210,195 +80,230 @@ def _setup(cfg: TrainConfig, info: dist.DistInfo, run: RunDir | None, ds: Datase
     if info.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[res.device.index] if res.device.type == "cuda" else None)
-    if res.compile:
-        step_model = torch.compile(step_model)
     data_dtype = res.amp_dtype or torch.float32  # the loader casts once; autocast then keeps it
     common = dict(device=res.device, dtype=data_dtype, channels_last=res.channels_last, rank=info.rank,
                   world_size=info.world_size)
-    train_loader = make_train_loader(res.loader, ds.train_images, ds.train_labels, cfg.batch_size,
-                                     seed=cfg.seed, num_workers=cfg.num_workers, **common)
-    if len(train_loader) == 0:
-        raise FastCifarError(f"the training set has {len(ds.train_labels)} images, fewer than one batch of "
-                             f"{cfg.batch_size} per process: lower --batch-size or raise --train-subset.")
-    eval_loader = make_eval_loader(res.loader, ds.test_images, ds.test_labels, cfg.eval_batch_size or cfg.batch_size,
-                                   **common)
+    train_loader = make_train_loader(res.loader, ds.train_images, ds.train_labels, cfg.batch_size, seed=cfg.seed,
+                                     num_workers=cfg.num_workers, augment=parse_augment(cfg.augment), **common)
+    eval_loader = make_eval_loader(res.loader, ds.test_images, ds.test_labels, res.eval_batch_size, **common)
+    steps = len(train_loader)
     optimizer = build_optimizer(cfg, model, res.device)
-    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * len(train_loader))
-    scaler = torch.amp.GradScaler(res.device.type, enabled=res.grad_scaler)
+    schedule = LRSchedule(optimizer, cfg.scheduler, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    eval_model = ema.model if ema else model
+    if res.compile:  # dynamic=False: train and eval batch sizes differ; each gets one static graph
+        step_model = torch.compile(step_model, dynamic=False)
+        eval_model = torch.compile(eval_model, dynamic=False)
     monitor = None
     if cfg.monitor:
-        monitor = LayerMonitor(model, steps_per_epoch=len(train_loader), epochs=cfg.epochs, grad_every=cfg.grad_every,
+        monitor = LayerMonitor(model, steps_per_epoch=steps, epochs=cfg.epochs, grad_every=cfg.grad_every,
                                grad_epochs=cfg.grad_epochs, grad_low=cfg.grad_low, grad_high=cfg.grad_high)
-    return Session(cfg, res, info, model, step_model, optimizer, scheduler, scaler, train_loader, eval_loader,
-                   monitor, run, None)
+    s = Session(cfg, res, info, model, step_model, eval_model, optimizer, schedule,
+                torch.amp.GradScaler(res.device.type, enabled=res.grad_scaler), ema, train_loader, eval_loader,
+                monitor, loss_fn or functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
+                step_losses=torch.zeros(steps, device=res.device),
+                step_correct=torch.zeros(steps, device=res.device, dtype=torch.int64),
+                step_index=torch.zeros((), device=res.device, dtype=torch.int64))
+    step, zero_grad = functools.partial(train_step, s), functools.partial(optimizer.zero_grad, set_to_none=True)
+    if res.cuda_graphs:
+        s.stepper = GraphedStep(step, zero_grad, (False, True) if monitor else (False,), notice)
+    else:
+        s.stepper = EagerStep(step, zero_grad, compiled=res.compile)
+    return s
 
 
-def _device_name(device: torch.device) -> str:
+def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, monitored: bool = False) -> None:
+    """One optimizer step, device work only: forward, loss, backward, [per-layer statistics], update, next LR,
+    EMA, and this step's loss and correct count into the session's buffers.
+
+    Precondition: gradients are None (optimizer.zero_grad(set_to_none=True)), so backward writes them instead of
+    accumulating; that is also what lets a CUDA graph replay the step (cuda_graphs.py).
+    """
+    with s.autocast():
+        logits = s.step_model(images)
+        loss = s.loss_fn(logits, labels)
+    s.scaler.scale(loss).backward()
+    if monitored:
+        if s.res.grad_scaler:
+            s.scaler.unscale_(s.optimizer)  # statistics of the true gradients, not the scaled ones
+        s.monitor.record_grads()
+        s.monitor.snapshot_weights()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    if monitored:
+        s.monitor.record_update()
+    s.schedule.advance()
+    if s.ema is not None:
+        s.ema.update()
+    s.step_losses.index_copy_(0, s.step_index.view(1), loss.detach().float().view(1))
+    s.step_correct.index_copy_(0, s.step_index.view(1), (logits.detach().argmax(1) == labels).sum().view(1))
+    s.step_index.add_(1)
+
+
+def _check_finite(s: Session, upto: int, epoch: int) -> None:
+    """One sync: raise if any of the first `upto` step losses of this epoch is NaN/Inf, naming the step."""
+    bad = (~torch.isfinite(s.step_losses[:upto])).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        raise TrainingDiverged(f"non-finite training loss at epoch {epoch} step {step} (global step "
+                               f"{epoch * len(s.train_loader) + step}): training stopped.")
+
+
+def _take_sample(s: Session, epoch: int, step: int, global_step: int, flags: dict) -> dict:
+    sample = s.monitor.read_sample()  # the sample's one sync
+    _check_finite(s, step + 1, epoch)
+    found = s.monitor.flag_layers(sample["norm"])
+    if found["nonfinite"] and not s.res.grad_scaler:  # under fp16 the scaler skips inf steps by design
+        raise TrainingDiverged(f"non-finite gradient at epoch {epoch} step {step} (global step {global_step}) in "
+                               f"{', '.join(found['nonfinite'][:5])}: training stopped.")
+    for kind in flags:
+        flags[kind].update(found[kind])
+    return {"step": global_step, "lr": s.schedule.lr_at([global_step])[0], **sample}
+
+
+def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
+    """One epoch of steps. Returns the epoch's training numbers, its monitor samples and per-step losses; None
+    when a stop was requested and the unfinished epoch was abandoned."""
+    loader = s.train_loader
+    s.model.train()
+    loader.set_epoch(epoch)
+    steps = len(loader)
+    s.step_index.zero_()
+    flags = {"vanishing": set(), "exploding": set()}
+    samples = []
+    if s.monitor:
+        s.monitor.start_epoch()
+    warming, compile_s = not s.stepper.ready, 0.0
+    if warming:  # the first steps of a process compile (and capture): timed apart as compile_s
+        s.sync()
+        warm_start = time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        monitored = s.monitor is not None and s.monitor.should_sample(epoch, step)
+        s.stepper(images, labels, monitored)
+        if warming and s.stepper.ready:
+            s.sync()
+            compile_s, warming = time.perf_counter() - warm_start, False
+        if monitored:
+            samples.append(_take_sample(s, epoch, step, epoch * steps + step, flags))
+        if progress is not None:
+            progress.update(len(labels))
+        if s.stop_requested():
+            return None
+
+    _check_finite(s, steps, epoch)
+    totals = torch.stack([s.step_losses.sum() * loader.batch_size, s.step_correct.sum().to(s.step_losses.dtype)])
+    totals = dist.all_reduce_sum(totals, s.info).tolist()
+    seen = steps * loader.batch_size * s.info.world_size
+    order = {name: i for i, name in enumerate(s.monitor.layer_names)} if s.monitor else {}
+    return {"train_loss": totals[0] / seen, "train_acc": totals[1] / seen, "train_images": seen,
+            "flags": {k: sorted(v, key=order.get) for k, v in flags.items()}, "compile_s": compile_s,
+            "samples": samples, "step_losses": s.step_losses.tolist(),
+            "update_ratio_epoch": s.monitor.end_epoch() if s.monitor else None}
+
+
+def autocast(res: Resolved):
+    # The autocast weight cache must be off under graph capture (torch.cuda.graphs documentation).
+    return torch.autocast(res.device.type, dtype=res.amp_dtype or torch.float32, enabled=res.amp_dtype is not None,
+                          cache_enabled=not res.cuda_graphs)
+
+
+def evaluate(s: Session) -> dict:
+    """Loss and accuracy over the test set (the EMA weights with --ema), with flip TTA too when --tta flip.
+    The first call of a compiled model is timed apart as compile_s."""
+    result = evaluate_model(s.eval_model, s.eval_loader, s.res, s.cfg.tta, s.info,
+                            time_first_batch=s.res.compile and not s.eval_compiled)
+    s.eval_compiled = True
+    return result
+
+
+@torch.no_grad()
+def evaluate_model(model, loader: EvalLoader, res: Resolved, tta: str, info: dist.DistInfo,
+                   time_first_batch: bool = False) -> dict:
+    """With tta="flip" also the loss and accuracy of the average of the logits of each image and its mirror."""
+    model.eval()
+    device, flip = res.device, tta == "flip"
+    memory_format = torch.channels_last if res.channels_last else torch.contiguous_format
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss, correct, loss tta, correct tta, count
+    sums[4] = loader.num_images
+    compile_s = 0.0
+    if time_first_batch:
+        _sync(device)
+        start = time.perf_counter()
+    for images, labels in loader:
+        with autocast(res):
+            logits = model(images).float()
+            if flip:
+                mirrored = model(images.flip(3).contiguous(memory_format=memory_format)).float()
+        for k, out in enumerate([logits, (logits + mirrored) / 2] if flip else [logits]):
+            sums[2 * k] += F.cross_entropy(out, labels, ignore_index=IGNORE_LABEL, reduction="sum")
+            sums[2 * k + 1] += (out.argmax(1) == labels).sum()  # padded rows have label -100: never correct
+        if time_first_batch:
+            _sync(device)
+            compile_s, time_first_batch = time.perf_counter() - start, False
+    loss, correct, loss_tta, correct_tta, count = dist.all_reduce_sum(sums, info).tolist()
+    result = {"test_loss": loss / count, "test_acc": correct / count, "compile_s": compile_s}
+    if flip:
+        result.update(test_loss_tta=loss_tta / count, test_acc_tta=correct_tta / count)
+    return result
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        torch.cuda.synchronize(device)
 
 
-def fit(cfg: TrainConfig, resume_dir: str | Path | None = None, stop_after_epoch: int | None = None) -> dict:
-    """Train per `cfg` (or continue the run in `resume_dir`); returns the summary. Rank 0 writes the run dir."""
-    from fastcifar import flops as flops_mod
+def evaluate_checkpoint(path, *, tta: str = "off", data_dir=None, download: bool = True, test_subset=None,
+                        device: str = "auto", batch_size: int | None = None) -> dict:
+    """`fastcifar eval`: a checkpoint's weights (its EMA weights when it has them) on the test set it was trained
+    for (CIFAR-10, or the same synthetic set)."""
+    from pathlib import Path
 
+    from fastcifar.checkpoint import check_compatible, load_checkpoint
+    from fastcifar.config import build_config, resolve
+    from fastcifar.data.cifar import load_dataset
+
+    state = load_checkpoint(Path(path))
+    saved = {k: v for k, v in (state.get("config") or {}).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = build_config(saved.pop("recipe", "worksheet"), **{
+        **saved, "data_dir": data_dir or saved.get("data_dir"), "download": download, "test_subset": test_subset,
+        "device": device, "eval_batch_size": batch_size, "tta": tta, "compile": "off", "cuda_graphs": "off",
+        "wandb": "off", "init_from": None, "run_dir": None})
+    res = resolve(cfg)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, None, cfg.test_subset, cfg.synthetic_size, cfg.seed)
+    weights = state.get("ema") or state["model"]
+    model = resnet18_cifar(num_classes=len(ds.classes))
+    check_compatible(model.state_dict(), weights, Path(path))
+    model.load_state_dict(weights)
+    model.to(res.device, memory_format=torch.channels_last if res.channels_last else torch.contiguous_format)
+    loader = make_eval_loader(res.loader, ds.test_images, ds.test_labels, min(res.eval_batch_size, len(ds.test_labels)),
+                              res.device, res.amp_dtype or torch.float32, res.channels_last)
+    result = evaluate_model(model, loader, res, tta, dist.DistInfo())
+    result.pop("compile_s")
+    epoch = state["epoch"] if state.get("kind") == "best weights" else state.get("epoch", 0) - 1
+    return {"checkpoint": str(path), "weights": "EMA weights" if state.get("ema") else "weights", "epoch": epoch,
+            "dataset": ds.description, "test_images": len(ds.test_labels), **result}
+
+
+def fit(cfg: TrainConfig, *, resume_dir=None, init_from=None, stop_after_epoch: int | None = None,
+        loss_fn: Callable | None = None) -> dict:
+    """Train per `cfg`, continue the run in `resume_dir`, or start from the weights of `init_from`; returns the
+    summary (rank 0; {} on the others). Nothing is written until every check has passed."""
     info = dist.setup()
-    s: Session | None = None
     try:
-        res = resolve(cfg, info.local_rank)
-        checkpoint = None
-        if resume_dir is not None:
-            checkpoint = load_checkpoint(Path(resume_dir) / "last.pt")
-        run_path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
-        run_path = dist.broadcast_object(run_path, info)  # one timestamped folder for every rank
-        ds = load_dataset(cfg)  # before the run directory: a data error leaves no empty run behind
-        run = RunDir(run_path) if info.is_main else None
-        s = _setup(cfg, info, run, ds, res)
-        start_epoch, best_acc, best_epoch = 0, -1.0, -1
-        if checkpoint is not None:
-            s.model.load_state_dict(checkpoint["model"])
-            s.optimizer.load_state_dict(checkpoint["optimizer"])
-            s.scheduler.load_state_dict(checkpoint["scheduler"])
-            s.scaler.load_state_dict(checkpoint["scaler"])
-            set_rng_state(checkpoint["rng"])
-            start_epoch, best_acc, best_epoch = checkpoint["epoch"], checkpoint["best_acc"], checkpoint.get("best_epoch", -1)
-            if run:
-                for name in ("metrics.jsonl", "grad_flow.jsonl", "updates.jsonl"):
-                    run.truncate_jsonl(name, lambda r: r["epoch"] < start_epoch)
-        if start_epoch >= cfg.epochs:
-            raise FastCifarError(f"{run_path} already finished all {cfg.epochs} epochs: nothing to resume.")
-
-        device_name = _device_name(res.device)
-        train_flops = flops_mod.training_flops_per_image(num_classes=len(ds.classes))
-        amp_name = {None: "fp32" if not res.device.type == "cuda" else "tf32", torch.bfloat16: "bf16",
-                    torch.float16: "fp16"}[res.amp_dtype]
-        peak = cfg.peak_tflops or (flops_mod.peak_tflops(device_name, amp_name) if res.device.type == "cuda" else None)
-        active = " ".join(n for n, on in [("compile", res.compile), ("channels_last", res.channels_last),
-                                          (amp_name, True), (res.loader, True),
-                                          (f"ddp x{info.world_size}", info.enabled)] if on)
-        resolved = {**res.to_dict(), "device_name": device_name, "world_size": info.world_size,
-                    "global_batch_size": cfg.batch_size * info.world_size, "steps_per_epoch": len(s.train_loader),
-                    "dropped_last_batch_images": len(ds.train_labels) // info.world_size - len(s.train_loader) * cfg.batch_size,
-                    "dataset": ds.description, "train_images": len(ds.train_labels), "test_images": len(ds.test_labels),
-                    "train_flops_per_image": train_flops, "peak_tflops": peak, "torch": torch.__version__,
-                    "fastcifar": __version__, "scheduler_interval": "step"}
-
-        if run:
-            config_doc = {"config": cfg.to_dict(), "resolved": resolved}
-            if checkpoint is None:
-                run.write_json("config.json", config_doc)
-            print(f"fastcifar {__version__} — run directory {run.path}")
-            print(f"data: {ds.description}")
-            for notice in res.notices:
-                print(notice)
-            wrap = dict(width=118, subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
-            print(textwrap.fill("config: " + " ".join(f"{k}={v}" for k, v in cfg.to_dict().items()), **wrap))
-            print(textwrap.fill("resolved: " + " ".join(f"{k}={v}" for k, v in resolved.items()), **wrap))
-            if checkpoint is not None:
-                print(f"resuming at epoch {start_epoch} ({start_epoch} of {cfg.epochs} done; best test acc so far "
-                      f"{100 * best_acc:.2f}%)")
-            previous = run.read_json("config.json") if checkpoint is not None else {}
-            s.tracker = WandbTracker(cfg.wandb, cfg.wandb_project, run.path, config_doc, run.path.name,
-                                     resume_id=previous.get("wandb_run_id"))
-            if s.tracker.run_id and checkpoint is None:
-                run.write_json("config.json", {**config_doc, "wandb_run_id": s.tracker.run_id})
-            s.tracker.set_summary({"flops/train_per_image": train_flops,
-                                   "flops/forward_per_image": flops_mod.forward_flops_per_image(num_classes=len(ds.classes))})
-            sys.stdout.flush()
-
-        end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
-        for epoch in range(start_epoch, end_epoch):
-            s.sync()
-            t0 = time.perf_counter()
-            progress = make_progress(cfg, info, len(s.train_loader) * cfg.batch_size, epoch)
-            lr = s.optimizer.param_groups[0]["lr"]
-            try:
-                train = train_one_epoch(s, epoch, progress)
-            finally:
-                if progress is not None:
-                    progress.close()
-            s.sync()
-            t1 = time.perf_counter()
-            test = evaluate(s)
-            s.sync()
-            t2 = time.perf_counter()
-            ips = train["train_images"] / (t1 - t0)
-            row = {"epoch": epoch, **{k: v for k, v in train.items() if k != "update_ratio_epoch"}, **test,
-                   "lr": lr, "train_time_s": t1 - t0, "eval_time_s": t2 - t1, "epoch_time_s": t2 - t0,
-                   "train_images_per_s": ips, "active": active}
-            achieved = ips * train_flops
-            if res.device.type == "cuda":
-                row["achieved_tflops"] = achieved / 1e12
-                row["mfu"] = achieved / (peak * 1e12) if peak else None
-            else:
-                row["achieved_gflops"] = achieved / 1e9
-            if test["test_acc"] > best_acc:
-                best_acc, best_epoch = test["test_acc"], epoch
-            if run:
-                if s.monitor:
-                    for r in s.monitor.rows("update", {"ratio": train["update_ratio_epoch"]}, scope="epoch",
-                                            epoch=epoch, step=(epoch + 1) * len(s.train_loader)):
-                        run.append_jsonl("updates.jsonl", r)
-                run.append_jsonl("metrics.jsonl", row)
-                state = dict(model=s.model, optimizer=s.optimizer, scheduler=s.scheduler, scaler=s.scaler,
-                             epoch=epoch + 1, best_acc=best_acc, config=cfg.to_dict(),
-                             extra={"best_epoch": best_epoch})
-                save_checkpoint(run.file("last.pt"), **state)
-                if best_epoch == epoch:
-                    copy_checkpoint(run.file("last.pt"), run.file("best.pt"))
-                print(epoch_line(cfg, res, row), flush=True)
-                logged = {"epoch": epoch, "train/loss": row["train_loss"], "train/acc": row["train_acc"],
-                          "test/loss": row["test_loss"], "test/acc": row["test_acc"], "lr": lr,
-                          "time/epoch_s": row["epoch_time_s"], "time/train_s": row["train_time_s"],
-                          "perf/images_per_s": ips}
-                if s.monitor:
-                    logged.update({f"update_epoch/{i:02d}.{n}": v for i, (n, v) in
-                                   enumerate(zip(s.monitor.layer_names, train["update_ratio_epoch"]))})
-                s.tracker.log(logged)
-            dist.barrier(info)
-
-        if not run:
-            return {}
-        rows = run.read_jsonl("metrics.jsonl")
-        finished = len(rows) == cfg.epochs
-        last = rows[-1]
-        summary = {"run_dir": str(run.path), "recipe": cfg.recipe, "dataset": ds.description,
-                   "finished": finished, "epochs_done": len(rows), "epochs": cfg.epochs,
-                   "final_train_acc": last["train_acc"], "final_test_acc": last["test_acc"],
-                   "final_train_loss": last["train_loss"], "final_test_loss": last["test_loss"],
-                   "best_test_acc": best_acc, "best_epoch": best_epoch,
-                   "mean_epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows),
-                   "mean_train_time_s": sum(r["train_time_s"] for r in rows) / len(rows),
-                   "mean_train_images_per_s": sum(r["train_images_per_s"] for r in rows) / len(rows),
-                   "device_name": device_name, "active": active, "train_flops_per_image": train_flops,
-                   "flagged_layers": sorted({l for r in rows for v in r["flags"].values() for l in v})}
-        if res.device.type == "cuda":
-            summary["mean_achieved_tflops"] = summary["mean_train_images_per_s"] * train_flops / 1e12
-            summary["mean_mfu"] = summary["mean_achieved_tflops"] / peak if peak else None
-        else:
-            summary["mean_achieved_gflops"] = summary["mean_train_images_per_s"] * train_flops / 1e9
-        run.write_json("summary.json", summary)
-        print()
-        print(f"{'Results' if finished else 'Stopped early: results so far'} — {ds.description}")
-        print(summary_table(summary))
-        if not finished:
-            print(f"continue with: fastcifar train --resume {run.path}")
-        if cfg.report:
-            from fastcifar.report import make_report
-
-            plots = make_report(run.path)
-            print(f"plots: {', '.join(str(p) for p in plots)}")
-            s.tracker.log_images(plots)
-        s.tracker.set_summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-        s.tracker.finish()
-        return summary
-    except BaseException:
-        # A crash or a stop keeps every finished epoch (its checkpoint is already on disk) and closes W&B.
-        if s is not None and s.tracker is not None:
-            s.tracker.finish(exit_code=1)
-        raise
+        with TrainingRun.open(cfg, info, resume_dir=resume_dir, init_from=init_from,
+                              stop_after_epoch=stop_after_epoch) as run:
+            s = build_session(run.cfg, info, run.dataset, run.res, loss_fn=loss_fn, notice=run.notice)
+            run.start(s)  # run directory and lock, restored state, header, W&B
+            for epoch in run.epochs():
+                clock = run.clock()
+                train = train_one_epoch(s, epoch, run.progress(epoch))
+                if train is None:
+                    break  # stopped by a signal: the unfinished epoch is abandoned
+                clock.lap("train")
+                test = evaluate(s)
+                clock.lap("eval")
+                if run.end_epoch(s, epoch, train, test, clock):
+                    break  # a signal, --target-acc or --stop-after-epoch: this epoch is saved
+            return run.close(s)
     finally:
         dist.cleanup(info)

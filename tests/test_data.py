@@ -101,10 +101,30 @@ def _archive_of(folder) -> bytes:
     return buffer.getvalue()
 
 
-def test_download_checks_md5_then_unpacks(fake_cifar, tmp_path, monkeypatch):
-    archive = tmp_path / "cifar-10-python.tar.gz"
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server over tmp_path/served: the download goes through torchvision's real downloader."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_checks_md5_then_unpacks(fake_cifar, tmp_path, monkeypatch, http_server):
+    root, base = http_server
+    archive = root / "cifar-10-python.tar.gz"
     archive.write_bytes(_archive_of(fake_cifar / "cifar-10-batches-py"))
-    monkeypatch.setenv("FASTCIFAR_CIFAR_URL", archive.as_uri())
+    monkeypatch.setenv("FASTCIFAR_CIFAR_URL", f"{base}/cifar-10-python.tar.gz")
     with pytest.raises(FastCifarError, match="has md5 .* expected c58f30108f718f92721af3b95e74349a"):
         load_cifar10(tmp_path / "cache", download=True)
     assert not (tmp_path / "cache" / "cifar-10-batches-py").exists()

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock
 
 from fastcifar import FastCifarError, flops
+from fastcifar.cli import add_flops_arguments
 from fastcifar.model import CIFAR_RESNET18_PARAMS
 
 CIFAR_MACS = 555_422_720  # conv+linear MACs per image of the CIFAR ResNet-18 at 32x32
@@ -25,7 +26,7 @@ def by_name(model, x):
 
 def parse(*argv):
     parser = argparse.ArgumentParser(prog="fastcifar flops")
-    flops.add_flops_arguments(parser)
+    add_flops_arguments(parser)
     return parser.parse_args(list(argv))
 
 

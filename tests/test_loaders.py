@@ -137,9 +137,9 @@ def test_outputs_are_legal_crops_of_their_own_image(kind, dtype, channels_last):
     assert len(seen) == len(loader) == 4
     if kind == "dali":
         # The DALI loader's fed draws come out exactly: crop_pos k/8 on the 40x40 copy is offset k, mirror is a flip.
-        order, off_y, off_x, mirror = loader.epoch_plan(3)
+        plan = loader.epoch_plan(3)
         got = torch.cat(seen, dim=1).numpy()
-        np.testing.assert_array_equal(got, np.stack([order, off_y, off_x, mirror])[:, :128])
+        np.testing.assert_array_equal(got, np.stack([plan.order, plan.offset_y, plan.offset_x, plan.flip])[:, :128])
 
 
 # --------------------------------------------------------------------------------------------------------------

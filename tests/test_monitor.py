@@ -72,7 +72,10 @@ def test_health_flags_name_the_layers():
 def test_monitor_rows_are_written_in_a_tidy_format(tmp_path):
     fit(build_config(**TINY, run_dir=str(tmp_path / "r")))
     rows = [json.loads(x) for x in (tmp_path / "r" / "grad_flow.jsonl").read_text().splitlines()]
-    assert {tuple(sorted(r)) for r in rows} == {("epoch", "index", "layer", "max_abs", "mean_abs", "norm", "step")}
+    assert {tuple(sorted(r)) for r in rows} == {("epoch", "index", "kind", "layer", "max_abs", "mean_abs", "norm",
+                                                 "numel", "rms", "step")}
+    assert all(r["rms"] == pytest.approx(r["norm"] / math.sqrt(r["numel"])) for r in rows)
+    assert {r["kind"] for r in rows} == {"conv", "norm", "linear"}
     layers = sorted({(r["index"], r["layer"]) for r in rows})
     assert len(layers) == 62 - 21 and layers[0] == (0, "conv1") and layers[-1] == (40, "fc")
     assert {r["epoch"] for r in rows} == {0, 1}

@@ -39,6 +39,8 @@ def fake_wandb(monkeypatch):
 
     module.init = init
     module.Image = lambda path: ("image", path)
+    module.Settings = lambda **kw: kw
+    module.plot = types.SimpleNamespace(line_series=lambda **kw: ("line_series", kw))
     monkeypatch.setitem(sys.modules, "wandb", module)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent")
@@ -49,18 +51,26 @@ def test_training_logs_config_epochs_layers_plots_and_flops(tmp_path, fake_wandb
     fit(build_config(**dict(TINY, wandb="auto", report=True), run_dir=str(tmp_path / "r")))
     (run,) = fake_wandb.runs
     assert run.init["mode"] == "offline"  # auto without an API key
-    assert run.init["config"]["config"]["batch_size"] == 8
+    assert run.init["settings"] == {"quiet": True}  # no end-of-run history dump under the results table
+    # Flat config: every flag filterable by its own name in the runs table; what auto became under "resolved".
+    assert run.init["config"]["batch_size"] == 8 and run.init["config"]["resolved"]["device"] == "cpu"
     epochs = [d for d in run.logged if "train/loss" in d]
     assert [d["epoch"] for d in epochs] == [0, 1]
-    assert {"test/acc", "lr", "time/epoch_s", "perf/images_per_s"} <= set(epochs[0])
-    assert any(k.startswith("update_epoch/00.conv1") for k in epochs[0])
-    grads = [d for d in run.logged if any(k.startswith("grad_mean/") for k in d)]
-    assert grads and "grad_norm/40.fc" in grads[0] and "step" in grads[0]
-    assert any(k.startswith("update_step/") for d in run.logged for k in d)
+    assert {"test/acc", "lr", "time/epoch_s", "perf/images_per_s", "time/elapsed_s"} <= set(epochs[0])
+    samples = [d for d in run.logged if "grad/global_norm" in d]
+    assert samples and {"step", "grad/layer_rms_min", "grad/layer_rms_max", "update/step_ratio_median"} <= set(samples[0])
+    # Per-layer statistics: one line chart per statistic (a line per epoch across the 41 layers), not 200 scalars.
+    charts = {k: v for d in run.logged for k, v in d.items() if isinstance(v, tuple) and v[0] == "line_series"}
+    assert set(charts) == {"layers/grad_rms", "layers/update_ratio_epoch"}
+    assert len(charts["layers/grad_rms"][1]["xs"]) == 41 and charts["layers/grad_rms"][1]["keys"] == ["epoch 0", "epoch 1"]
+    scalar_keys = {k for d in run.logged for k in d if not isinstance(d[k], tuple)}
+    assert len(scalar_keys) < 30 and not any("conv1" in k for k in scalar_keys), sorted(scalar_keys)
     plots = [d for d in run.logged if any(k.startswith("plots/") for k in d)]
     assert plots and "plots/gradient_flow" in plots[0]
     assert run.summary["flops/train_per_image"] > 1e9 and "best_test_acc" in run.summary
-    assert ("grad_mean/*", {"step_metric": "step"}) in run.defined
+    assert ("test/acc", {"step_metric": "epoch", "summary": "max"}) in run.defined
+    assert ("train/loss", {"step_metric": "epoch", "summary": "min"}) in run.defined
+    assert ("grad/*", {"step_metric": "step"}) in run.defined
     assert run.finished == 0
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["wandb_run_id"] == "fake123"

@@ -1,17 +1,64 @@
-"""The report's augmentation in torch ops on device tensors: the reference the other loaders must match.
+"""Augmentation as configuration (`--augment crop,flip,cutout=8`), and its reference implementation in torch ops
+on device tensors: the torch loader uses it, and the DALI and torchvision loaders must match it.
 
-RandomCrop(32, padding=4) pads with zeros in pixel space, so the crop is taken from a 40x40 zero-padded
+RandomCrop(32, padding=p) pads with zeros in pixel space, so crops are taken from a (32+2p)-square zero-padded
 uint8 copy kept on the device; normalisation happens after the crop, so a padded pixel becomes -mean/std.
+Cutout (DeVries & Taylor 2017) zeroes a square after normalisation, i.e. fills it with the mean colour.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-PAD = 4
 SIZE = 32
+PAD = 4  # the report's RandomCrop(32, padding=4)
+MAX_PAD = 16
+
+
+class AugmentError(ValueError):
+    """A malformed --augment value; the message says what is accepted."""
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    pad: int = PAD  # crop: RandomCrop(32, padding=pad); 0 = no crop
+    flip: bool = True  # horizontal flip with p = 0.5
+    cutout: int = 0  # side of the cutout square; 0 = none
+
+    def __str__(self) -> str:
+        items = ([f"crop={self.pad}" if self.pad != PAD else "crop"] if self.pad else []) + (["flip"] if self.flip else [])
+        return ",".join(items + ([f"cutout={self.cutout}"] if self.cutout else [])) or "none"
+
+
+AUGMENT_HELP = ("comma-separated: crop (RandomCrop 32, padding 4), crop=P (padding P), flip (horizontal, p=0.5), "
+                "cutout=N (an N x N square of mean colour), or none")
+
+
+def parse_augment(text: str) -> AugmentSpec:
+    pad, flip, cutout = 0, False, 0
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            number = int(value) if value else None
+        except ValueError:
+            raise AugmentError(f"--augment {text!r}: {item!r} needs a whole number after '='") from None
+        if name == "crop" and (number is None or 0 <= number <= MAX_PAD):
+            pad = PAD if number is None else number
+        elif name == "flip" and number is None:
+            flip = True
+        elif name == "cutout" and number is not None and 1 <= number <= SIZE:
+            cutout = number
+        elif name == "none" and number is None and len(items) == 1:
+            pass
+        else:
+            raise AugmentError(f"--augment {text!r}: cannot read {item!r} ({AUGMENT_HELP}; crop padding 0..{MAX_PAD}, "
+                               f"cutout 1..{SIZE})")
+    return AugmentSpec(pad, flip, cutout)
 
 
 def pad_images(images_nchw_uint8: torch.Tensor, pad: int = PAD) -> torch.Tensor:
@@ -34,21 +81,25 @@ class Normalizer:
         return x.to(dtype=dtype, memory_format=memory_format)
 
 
-def random_crop_flip(padded: torch.Tensor, index: torch.Tensor, generator: torch.Generator,
-                     size: int = SIZE) -> torch.Tensor:
-    """Crop a size x size window at a uniform offset from each padded image, mirrored with p=0.5.
+def crop_flip(padded: torch.Tensor, index: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor,
+              flip: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """Crop a size x size window at the given offsets from each padded image, mirrored where flip is set.
 
     One advanced-indexing gather reads exactly the output pixels: no per-image Python loop, no copy of the
     full padded batch.
     """
-    n, device = index.numel(), padded.device
-    span = padded.shape[-1] - size + 1  # 9 legal offsets per axis for pad 4
-    off_y = torch.randint(0, span, (n,), device=device, generator=generator)
-    off_x = torch.randint(0, span, (n,), device=device, generator=generator)
-    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    device = padded.device
     ar = torch.arange(size, device=device)
-    rows = off_y[:, None] + ar                                   # (n, size)
-    cols = off_x[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)  # mirrored columns when flipped
+    rows = offset_y[:, None] + ar  # (n, size)
+    cols = offset_x[:, None] + torch.where(flip.bool()[:, None], size - 1 - ar, ar)  # mirrored columns when flipped
     channels = torch.arange(padded.shape[1], device=device)
-    return padded[index[:, None, None, None], channels[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    return padded[index[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None],
+                  cols[:, None, None, :]]
+
+
+def cutout_mask(boxes: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """(n, 4) boxes y0, x0, y1, x1 -> (n, 1, size, size) mask that is 0 inside the box, 1 elsewhere."""
+    ar = torch.arange(size, device=boxes.device)
+    inside_y = (ar >= boxes[:, 0:1]) & (ar < boxes[:, 2:3])  # (n, size)
+    inside_x = (ar >= boxes[:, 1:2]) & (ar < boxes[:, 3:4])
+    return (~(inside_y[:, :, None] & inside_x[:, None, :]))[:, None]

@@ -11,9 +11,7 @@ import hashlib
 import os
 import pickle
 import shutil
-import tarfile
 import tempfile
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +68,9 @@ def _unpickle(path: Path) -> dict:
             obj = pickle.load(f, encoding="bytes")
     except FileNotFoundError:
         raise
+    except PermissionError:
+        raise FastCifarError(f"cannot read CIFAR-10 file {path} (permission denied): fix its permissions, or "
+                             f"point --data-dir at a copy you can read.") from None
     except Exception as exc:  # truncated or not a pickle at all
         raise FastCifarError(f"corrupt CIFAR-10 file {path}: cannot be read ({type(exc).__name__}: {exc}). "
                              f"Delete it and download again, or point --data-dir at a good copy.") from None
@@ -107,23 +108,24 @@ def _missing_paragraph(folder: Path, reason: str) -> str:
 
 
 def download_cifar10(data_dir: Path, url: str | None = None) -> None:
-    """Fetch the official archive into data_dir, check its md5, and unpack it atomically."""
+    """Fetch the official archive into data_dir with torchvision's downloader (progress bar, redirects), check its
+    md5, and unpack it atomically: into a temp folder first, then one rename."""
+    from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
+
     url = url or os.environ.get("FASTCIFAR_CIFAR_URL", CIFAR10_URL)
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         archive = Path(tmp) / "cifar-10-python.tar.gz"
         try:
-            with urllib.request.urlopen(url, timeout=30) as response, open(archive, "wb") as out:
-                shutil.copyfileobj(response, out)
+            download_url(url, tmp, filename=archive.name)
         except Exception as exc:
             raise FastCifarError(_missing_paragraph(
                 data_dir, f"it is not in the data folder and the download from {url} failed ({exc}).")) from None
-        digest = _md5(archive)
+        digest = calculate_md5(str(archive))
         if digest != CIFAR10_ARCHIVE_MD5:
             raise FastCifarError(f"downloaded archive from {url} has md5 {digest}, expected {CIFAR10_ARCHIVE_MD5}: "
                                  f"the download is corrupt or not CIFAR-10. Nothing was kept; try again.")
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(tmp, filter="data")
+        extract_archive(str(archive), tmp)
         target = data_dir / BATCH_DIR
         if target.exists():
             shutil.rmtree(target)
@@ -136,8 +138,9 @@ def load_cifar10(data_dir: str | Path | None = None, download: bool = True) -> D
     if not folder.is_dir():
         if not download:
             raise FastCifarError(_missing_paragraph(data_dir, f"{folder} does not exist."))
-        print(f"CIFAR-10 not found in {data_dir}: downloading {CIFAR10_URL} (163 MB)…", flush=True)
-        download_cifar10(data_dir)
+        url = os.environ.get("FASTCIFAR_CIFAR_URL", CIFAR10_URL)
+        print(f"CIFAR-10 not found in {data_dir}: downloading {url} (163 MB)…", flush=True)
+        download_cifar10(data_dir, url)
 
     expected = {**TRAIN_FILES, **TEST_FILES, META_FILE[0]: META_FILE[1]}
     missing = [name for name in expected if not (folder / name).is_file()]
@@ -200,6 +203,19 @@ def make_synthetic(train_size: int = 512, test_size: int = 256, seed: int = 0) -
                    f"SYNTHETIC data ({train_size} train / {test_size} test, not CIFAR-10)", synthetic=True)
 
 
+SYNTHETIC_DATA_SEED = 1234  # the synthetic set is the same whatever --seed, so runs compare
+
+
+def load_dataset(dataset: str, data_dir=None, download: bool = True, train_subset: int | None = None,
+                 test_subset: int | None = None, synthetic_size: int = 512, seed: int = 0) -> Dataset:
+    """The dataset a run trains on: CIFAR-10 or the synthetic set, then its seeded class-balanced subsets."""
+    if dataset == "synthetic":
+        ds = make_synthetic(synthetic_size, max(synthetic_size // 2, 10), seed=SYNTHETIC_DATA_SEED)
+    else:
+        ds = load_cifar10(data_dir, download=download)
+    return take_subsets(ds, train_subset, test_subset, seed)
+
+
 def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Indices of a seeded subset with (as nearly as possible) equal counts per class, in ascending order."""
     if size >= len(labels):
@@ -213,6 +229,11 @@ def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def take_subsets(ds: Dataset, train_subset: int | None, test_subset: int | None, seed: int) -> Dataset:
+    for flag, size, available in (("--train-subset", train_subset, len(ds.train_labels)),
+                                  ("--test-subset", test_subset, len(ds.test_labels))):
+        if size and size > available:
+            raise FastCifarError(f"{flag} {size} is larger than the set it takes from ({available:,} images in "
+                                 f"{ds.description}): pass at most {available}, or leave it out for all of them.")
     if train_subset:
         idx = balanced_subset(ds.train_labels, train_subset, seed)
         ds.train_images, ds.train_labels = ds.train_images[idx], ds.train_labels[idx]

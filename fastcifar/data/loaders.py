@@ -1,12 +1,10 @@
-"""make_train_loader / make_eval_loader: one interface over the dali, torch and torchvision loaders.
+"""make_train_loader / make_eval_loader: one interface (plan.TrainLoader, plan.EvalLoader) over the dali, torch and
+torchvision backends, and the choice of backend.
 
-A train loader yields (images, labels) per step: images float (B, 3, 32, 32) in the training dtype, normalised,
-channels_last when asked, on the device; labels int64 on the device. Only full batches are yielded (static
-shapes for torch.compile). `set_epoch(e)` picks the epoch's permutation and augmentation draws from
-(seed, e) alone, so a resumed run sees exactly the batches an uninterrupted one would.
-
-An eval loader yields the test set in order, normalised only; its last batch is padded to full size with
-label -100 (cross_entropy's ignore_index), so evaluation never recompiles and padding never counts.
+Every backend applies the same epoch plan (plan.py), so for one seed they yield the same batches; they differ in
+where the work runs: torch ops on the device (`torch`), one DALI graph on the GPU or DALI's CPU-only mode
+(`dali`), PIL in DataLoader worker processes with pinned host memory (`torchvision`, the report's way, kept as the
+baseline). Evaluation is in order and normalised only; its last batch is padded with IGNORE_LABEL.
 """
 
 from __future__ import annotations
@@ -15,109 +13,98 @@ import numpy as np
 import torch
 
 from fastcifar import FastCifarError
-from fastcifar.data.augment import CIFAR_MEAN, CIFAR_STD, Normalizer, pad_images, random_crop_flip
+from fastcifar.data.augment import (CIFAR_MEAN, CIFAR_STD, SIZE, AugmentSpec, Normalizer, crop_flip, cutout_mask,
+                                    pad_images)
+from fastcifar.data.plan import IGNORE_LABEL, EpochPlan, PlannedTrainLoader, eval_batches, to_nchw_tensor
 
-IGNORE_LABEL = -100
-LOADER_KINDS = ("dali", "torch", "torchvision")
+__all__ = ["IGNORE_LABEL", "LOADER_KINDS", "TorchEvalLoader", "TorchTrainLoader", "TorchvisionTrainLoader",
+           "make_eval_loader", "make_train_loader", "resolve_loader", "to_nchw_tensor"]
 
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed that depends on (seed, epoch) only."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def to_nchw_tensor(images_nhwc: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous().to(device)
+LOADER_KINDS = ("dali", "torch", "torchvision")  # config.LOADERS adds "auto"
 
 
-def shard_size(n: int, rank: int, world_size: int) -> int:
-    return len(range(rank, n, world_size))
-
-
-class TorchTrainLoader:
-    """GPU-resident: the uint8 set is padded once and kept on the device; crop/flip/normalise are torch ops."""
+class TorchTrainLoader(PlannedTrainLoader):
+    """GPU-resident: the uint8 set is padded once and kept on the device; crop, flip, normalisation and cutout
+    are a gather, a multiply-add and a masked multiply there. The plan moves to the device once per epoch."""
 
     name = "torch"
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1):
+                 rank=0, world_size=1, augment: AugmentSpec = AugmentSpec()):
+        super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
         self.device = torch.device(device)
-        self.padded = pad_images(to_nchw_tensor(images, self.device))
+        self.padded = pad_images(to_nchw_tensor(images, self.device), augment.pad)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-        self.batch_size, self.dtype, self.channels_last = batch_size, dtype, channels_last
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.dtype, self.channels_last = dtype, channels_last
         self.normalize = Normalizer(CIFAR_MEAN, CIFAR_STD, self.device)
-        self.generator = torch.Generator(device=self.device)
 
-    def __len__(self) -> int:
-        return shard_size(len(self.labels), self.rank, self.world_size) // self.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(len(self.labels), device=self.device, generator=self.generator)
-        order = order[self.rank::self.world_size]
+    def _batches(self, plan: EpochPlan):
+        order, offset_y, offset_x, flip, boxes = (torch.from_numpy(a).to(self.device) if a is not None else None
+                                                  for a in (plan.order, plan.offset_y, plan.offset_x, plan.flip,
+                                                            plan.boxes))
+        b = self.batch_size
         for step in range(len(self)):
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
-            crops = random_crop_flip(self.padded, index, self.generator)
-            yield self.normalize(crops, self.dtype, self.channels_last), self.labels[index]
+            w = slice(step * b, (step + 1) * b)
+            images = self.normalize(crop_flip(self.padded, order[w], offset_y[w], offset_x[w], flip[w]),
+                                    self.dtype, self.channels_last)
+            if boxes is not None:
+                images = images.mul_(cutout_mask(boxes[w]))  # in place: keeps the memory format
+            yield images, self.labels[order[w]]
 
 
-class _TorchvisionDataset(torch.utils.data.Dataset):
-    def __init__(self, images, labels):
-        import torchvision.transforms as T
+class _PlannedPILDataset(torch.utils.data.Dataset):
+    """Items are rows of the epoch plan, (index, offset_y, offset_x, flip, y0, x0, y1, x1): the worker applies
+    them with torchvision's functional transforms, so no randomness lives in the workers."""
 
-        self.images, self.labels = images, labels
-        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-                                    T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    def __init__(self, images, labels, spec: AugmentSpec):
+        self.images, self.labels, self.spec = images, labels, spec
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        import torchvision.transforms.functional as TF
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+        index, offset_y, offset_x, flip, y0, x0, y1, x1 = item
+        image = Image.fromarray(self.images[index])
+        if self.spec.pad:
+            image = TF.crop(TF.pad(image, self.spec.pad, fill=0), offset_y, offset_x, SIZE, SIZE)
+        if flip:
+            image = TF.hflip(image)
+        tensor = TF.normalize(TF.to_tensor(image), CIFAR_MEAN, CIFAR_STD)
+        if y1 > y0 and x1 > x0:
+            tensor = TF.erase(tensor, y0, x0, y1 - y0, x1 - x0, 0.0)
+        return tensor, int(self.labels[index])
 
 
-class TorchvisionTrainLoader:
+class TorchvisionTrainLoader(PlannedTrainLoader):
     """The report's way, kept as the baseline: PIL transforms in DataLoader workers, pinned host memory."""
 
     name = "torchvision"
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1, num_workers=2):
-        self.dataset = _TorchvisionDataset(images, labels)
-        self.device, self.batch_size, self.dtype, self.channels_last = torch.device(device), batch_size, dtype, channels_last
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+                 rank=0, world_size=1, augment: AugmentSpec = AugmentSpec(), num_workers=2):
+        super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
+        self.dataset = _PlannedPILDataset(images, labels, augment)
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self.num_workers = num_workers
 
-    def __len__(self) -> int:
-        return shard_size(len(self.dataset), self.rank, self.world_size) // self.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(len(self.dataset), generator=generator)[self.rank::self.world_size].tolist()
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=order, drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda", generator=generator)
+    def _batches(self, plan: EpochPlan):
+        boxes = plan.boxes if plan.boxes is not None else np.zeros((len(plan.order), 4), dtype=np.int64)
+        items = np.column_stack([plan.order, plan.offset_y, plan.offset_x, plan.flip, boxes]).tolist()
+        # The workers draw nothing, but DataLoader seeds them from a generator: give it one, so the caller's
+        # global RNG is left untouched.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=items, drop_last=True,
+                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(self.seed))
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        # Workers seed their transforms from `generator`; without workers the transforms draw from torch's
-        # global RNG, so seed a forked copy of it for the epoch and leave the caller's state untouched.
-        with torch.random.fork_rng(devices=[], enabled=self.num_workers == 0):
-            if self.num_workers == 0:
-                torch.manual_seed(epoch_seed(self.seed, self.epoch))
-            for images, labels in loader:
-                images = images.to(self.device, non_blocking=True).to(dtype=self.dtype, memory_format=memory_format)
-                yield images, labels.to(self.device, non_blocking=True)
+        for images, labels in loader:
+            images = images.to(self.device, non_blocking=True).to(dtype=self.dtype, memory_format=memory_format)
+            yield images, labels.to(self.device, non_blocking=True)
 
 
-class EvalLoader:
+class TorchEvalLoader:
     """The test set on the device, normalised only, in order; the last batch padded with IGNORE_LABEL."""
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, rank=0,
@@ -138,17 +125,6 @@ class EvalLoader:
             yield self.normalize(images, self.dtype, self.channels_last), labels
 
 
-def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
-    """In-order uint8 batches; the last one padded to full size with zero images labelled IGNORE_LABEL."""
-    for start in range(0, len(labels), batch_size):
-        batch_images, batch_labels = images[start:start + batch_size], labels[start:start + batch_size]
-        short = batch_size - len(batch_labels)
-        if short:
-            batch_images = torch.cat([batch_images, batch_images.new_zeros((short, *batch_images.shape[1:]))])
-            batch_labels = torch.cat([batch_labels, batch_labels.new_full((short,), IGNORE_LABEL)])
-        yield batch_images, batch_labels
-
-
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -162,8 +138,9 @@ def resolve_loader(kind: str, device: torch.device) -> tuple[str, str | None]:
     if kind == "auto":
         if device.type == "cuda" and dali_available():
             return "dali", None
-        why = "no CUDA device" if device.type != "cuda" else "nvidia-dali is not installed"
-        return "torch", f"loader: torch (GPU-resident torch ops), not DALI: {why}"
+        if device.type != "cuda":
+            return "torch", "loader: torch (torch ops on the CPU): DALI's GPU pipeline needs a CUDA device"
+        return "torch", "loader: torch (GPU-resident torch ops), not DALI: nvidia-dali is not installed"
     if kind == "dali" and not dali_available():
         raise FastCifarError("--loader dali needs NVIDIA DALI, which is not installed: "
                              "pip install nvidia-dali-cuda130 (Linux), or use --loader torch.")
@@ -173,9 +150,9 @@ def resolve_loader(kind: str, device: torch.device) -> tuple[str, str | None]:
 
 
 def make_train_loader(kind, images, labels, batch_size, device, dtype=torch.float32, channels_last=False,
-                      seed=0, rank=0, world_size=1, num_workers=2):
+                      seed=0, rank=0, world_size=1, num_workers=2, augment: AugmentSpec = AugmentSpec()):
     common = dict(batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last, seed=seed,
-                  rank=rank, world_size=world_size)
+                  rank=rank, world_size=world_size, augment=augment)
     if kind == "dali":
         from fastcifar.data.dali import DaliTrainLoader
 
@@ -193,4 +170,4 @@ def make_eval_loader(kind, images, labels, batch_size, device, dtype=torch.float
         from fastcifar.data.dali import DaliEvalLoader
 
         return DaliEvalLoader(images, labels, batch_size, device, dtype, channels_last, rank, world_size)
-    return EvalLoader(images, labels, batch_size, device, dtype, channels_last, rank, world_size)
+    return TorchEvalLoader(images, labels, batch_size, device, dtype, channels_last, rank, world_size)

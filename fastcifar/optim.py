@@ -1,0 +1,149 @@
+"""Optimizers with parameter groups, the LR schedule as device arithmetic, and an EMA of the weights.
+
+Everything a training step does here is tensor work on the device with no host sync, so a CUDA graph can
+capture and replay it: the LR lives in a 1-element tensor per parameter group that the optimizer reads, and
+`LRSchedule.advance()` rewrites it after every optimizer step from a device-side step counter (what
+LambdaLR.step() does on the host). torch's own schedulers (CosineAnnealingLR & co.) compute on the host and
+`fill_` the tensor with a Python number, which a graph would freeze at its captured value.
+
+torch is imported inside the functions: `fastcifar --help` lists OPTIMIZERS and SCHEDULES without loading it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# name -> torch.optim class; the options each takes beyond lr and weight decay are in _extra_options.
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _extra_options(cfg) -> dict:
+    if cfg.optimizer == "sgd":
+        return {"momentum": cfg.momentum, "nesterov": cfg.nesterov and cfg.momentum > 0}
+    return {}
+
+
+def param_groups(model, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Weight decay on conv and linear weights only: BatchNorm weights and all biases set a scale and a shift,
+    not capacity, and decaying them only fights the normalisation ("Bag of Tricks", He et al. 2019, §3.1;
+    Goyal et al. 2017). With no decay at all, or when asked to decay everything, one group."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0 or decay_norm_and_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg, model, device) -> torch.optim.Optimizer:
+    """On CUDA: fused kernels, capturable, and the LR a float32 tensor on the device (what a graph replays).
+    On the CPU: the plain single-tensor update, the LR a float64 tensor that it reads as a Python number, so the
+    arithmetic is the same as with a float LR."""
+    import torch
+
+    cuda = device.type == "cuda"
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    for group in groups:
+        group["lr"] = torch.tensor(cfg.lr, dtype=torch.float32 if cuda else torch.float64, device=device)
+    options = {"fused": True, **({"capturable": True} if cfg.optimizer != "sgd" else {})} if cuda else {}
+    return getattr(torch.optim, OPTIMIZERS[cfg.optimizer])(groups, lr=cfg.lr, **_extra_options(cfg), **options)
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Optimizer.load_state_dict replaces each group dict with the saved one, LR tensor included (on the CPU,
+    where checkpoints are loaded): put back the live LR tensors that the schedule and a captured graph use."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+class LRSchedule:
+    """lr = peak * factor(step) for every group, stepped after every optimizer step, as device tensor arithmetic.
+
+    factor: a linear warm-up from peak/W to peak over the first W steps, then over the remaining steps
+    cosine (0.5 (1 + cos(pi p))), linear (1 - p) or constant (1), with p going from 0 to 1 and the LR reaching 0
+    at the last step. With W = 0 the cosine is exactly LambdaLR(0.5 * (1 + cos(pi * step / total))).
+    """
+
+    def __init__(self, optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
+        import torch
+
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {kind!r}")
+        self.kind, self.total, self.warmup = kind, max(int(total_steps), 1), max(int(warmup_steps), 0)
+        self.lrs = [group["lr"] for group in optimizer.param_groups]
+        self.peaks = [float(group["initial_lr"] if "initial_lr" in group else lr) for group, lr in
+                      zip(optimizer.param_groups, self.lrs)]
+        for group, peak in zip(optimizer.param_groups, self.peaks):
+            group["initial_lr"] = peak
+        self.step = torch.zeros((), dtype=torch.float64, device=self.lrs[0].device)  # exact integers below 2^53
+        self._write()
+
+    def factor(self, step: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        decay_steps = max(self.total - self.warmup, 1)
+        since = torch.clamp(step - self.warmup, 0, decay_steps) if self.warmup else torch.clamp(step, max=decay_steps)
+        if self.kind == "cosine":
+            decay = 0.5 * (1.0 + torch.cos(math.pi * since / decay_steps))
+        elif self.kind == "linear":
+            decay = 1.0 - since / decay_steps
+        else:
+            decay = torch.ones_like(since)
+        if not self.warmup:
+            return decay
+        return torch.where(step < self.warmup, (step + 1) / self.warmup, decay)
+
+    def _write(self) -> None:
+        factor = self.factor(self.step)
+        for lr, peak in zip(self.lrs, self.peaks):
+            lr.copy_(factor * peak)
+
+    def advance(self) -> None:
+        """After an optimizer step: the next step's LR. Device ops only."""
+        self.step.add_(1)
+        self._write()
+
+    def lr_at(self, steps) -> list[float]:
+        """The first group's LR at the given global steps, computed on the host (for the console and files)."""
+        import torch
+
+        steps = torch.as_tensor(steps, dtype=torch.float64)
+        return (self.factor(steps) * self.peaks[0]).tolist()
+
+    def state_dict(self) -> dict:
+        return {"step": int(self.step.item()), "kind": self.kind, "total_steps": self.total,
+                "warmup_steps": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Only the position is restored: a run extended to more epochs keeps its step count and follows the
+        schedule planned for its new length."""
+        self.step.fill_(state["step"])
+        self._write()
+
+
+class WeightEMA:
+    """An exponential moving average of the model's parameters and buffers (`--ema DECAY`), updated after every
+    optimizer step by one fused lerp on the device; evaluation then uses the averaged weights."""
+
+    def __init__(self, model, decay: float):
+        import torch
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self._float = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self._other = [(a, b) for a, b in pairs if not a.is_floating_point()]  # BN's num_batches_tracked
+        self._torch = torch
+
+    def update(self) -> None:
+        torch = self._torch
+        with torch.no_grad():
+            torch._foreach_lerp_([a for a, _ in self._float], [b for _, b in self._float], 1.0 - self.decay)
+            torch._foreach_copy_([a for a, _ in self._other], [b for _, b in self._other])
