@@ -98,6 +98,11 @@ RECIPES: dict[str, dict] = {
 PATH_FIELDS = ("data_dir", "run_dir", "init_from")
 
 
+def default_grad_epochs(epochs: int) -> list[int]:
+    """--grad-epochs' default: the report's Figure 2 epochs (0, 5, 10, 15, 20) that fit, plus the last."""
+    return sorted({e for e in (0, 5, 10, 15, 20) if e < epochs} | {epochs - 1})
+
+
 def expand_path(path: str | None) -> str | None:
     """~ and $VARIABLES, as a shell would: `--data-dir=~/x` must not become a folder named '~'."""
     return os.path.expandvars(os.path.expanduser(path)) if path else path

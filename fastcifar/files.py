@@ -16,8 +16,6 @@ from pathlib import Path
 
 from fastcifar import FastCifarError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names look like
 
 
@@ -41,7 +39,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        umask = os.umask(0o022)  # mkstemp makes 0600; read the umask (only by setting it) and put it back
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

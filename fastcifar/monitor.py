@@ -18,6 +18,10 @@ import math
 import torch
 import torch.nn as nn
 
+from fastcifar.config import default_grad_epochs
+
+__all__ = ["LayerMonitor", "default_grad_epochs", "layer_kind", "parameterised_layers"]
+
 LAYER_KINDS = ((nn.modules.conv._ConvNd, "conv"), (nn.modules.batchnorm._NormBase, "norm"), (nn.Linear, "linear"))
 
 
@@ -34,11 +38,6 @@ def parameterised_layers(model: nn.Module) -> list[tuple[str, list[torch.nn.Para
         if params:
             layers.append((name or "(root)", params))
     return layers
-
-
-def default_grad_epochs(epochs: int) -> list[int]:
-    """The report's Figure 2 epochs (0, 5, 10, 15, 20) that fit, plus the last."""
-    return sorted({e for e in (0, 5, 10, 15, 20) if e < epochs} | {epochs - 1})
 
 
 class LayerMonitor:

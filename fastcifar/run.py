@@ -134,7 +134,7 @@ class TrainingRun:
         self.last_finished = -1
         self.best_written = -1  # the epoch in best.pt
         self.trained_since_save, self.last_save_s = 0.0, None
-        self.stop, self.stopped_by, self.target_epoch = GracefulStop(), None, None
+        self.stop, self.remote_stop, self.target_epoch = GracefulStop(), False, None
         self.tracker: WandbTracker | None = None
         self.sink: MetricsSink | None = None
         self.started = time.perf_counter()
@@ -350,6 +350,12 @@ class TrainingRun:
     def progress(self, epoch: int):
         return make_progress(self.cfg, self.info, len(self.session.train_loader) * self.cfg.batch_size, epoch)
 
+    @property
+    def stopped_by(self) -> str | None:
+        if self.stop.signum is not None:
+            return signal.Signals(self.stop.signum).name
+        return "a signal on another rank" if self.remote_stop else None
+
     def _abandon_now(self) -> bool:
         """At a step boundary after a signal: abandon the epoch only when every finished epoch is saved (else
         finish it, seconds on a GPU, and save); under DDP always finish it, so the ranks stop together."""
@@ -395,7 +401,7 @@ class TrainingRun:
             print(epoch_line(cfg, row), flush=True)
         dist.barrier(self.info)
         if signalled:
-            self.stopped_by = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal on another rank"
+            self.remote_stop = self.stop.signum is None
         return stop
 
     def _record(self, s: Session, epoch: int, row: dict, train: dict) -> None:
@@ -468,7 +474,7 @@ class TrainingRun:
             print(f"stopped by {self.stopped_by or 'a signal'} before the first epoch finished: nothing was saved; "
                   f"start again.", file=sys.stderr)
             self.tracker.finish(exit_code=1)
-            return {"finished": False, "epochs_done": 0, "exit_code": 128 + (self.stop.signum or 2)}
+            return {"finished": False, "epochs_done": 0, "exit_code": 128 + (self.stop.signum or signal.SIGINT)}
         summary = self._summary(rows)
         self.sink.summary(summary)
         finished = summary["finished"]

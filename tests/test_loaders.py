@@ -363,3 +363,104 @@ def test_resolve_loader_dali_without_dali_is_an_error(monkeypatch):
         resolve_loader("dali", torch.device("cpu"))
     kind, notice = resolve_loader("auto", torch.device("cuda"))
     assert kind == "torch" and "not installed" in notice
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Augmentation as configuration: every loader applies the same epoch plan, cutout included.
+
+def plan_reference(images: np.ndarray, plan, n: int, pad: int) -> torch.Tensor:
+    """What the plan says the first n outputs are: the crop/flip of each padded source, then the cutout box.
+    The reference is padded by PAD: a crop offset k at padding `pad` is offset k + PAD - pad there."""
+    reference = reference_padded(images)
+    windows = reference[plan.order[:n]].unfold(2, SIZE, 1).unfold(3, SIZE, 1)  # (n, 3, 9, 9, 32, 32)
+    shift = PAD - pad
+    out = windows[torch.arange(n), :, plan.offset_y[:n] + shift, plan.offset_x[:n] + shift]
+    out = torch.where(torch.from_numpy(plan.flip[:n]).bool()[:, None, None, None], out.flip(-1), out)
+    if plan.boxes is not None:
+        for i, (y0, x0, y1, x1) in enumerate(plan.boxes[:n]):
+            out[i, :, y0:y1, x0:x1] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("spec", ["crop,flip", "crop,flip,cutout=8", "crop=2,cutout=12", "flip", "none"])
+def test_every_loader_gives_the_same_batches_for_one_seed(spec):
+    """torch, DALI and torchvision draw nothing themselves: they apply the (seed, epoch) plan. Same images, same
+    order, same crops, flips and cutout boxes; the normalisation arithmetic may differ in the last bit."""
+    from fastcifar.data.augment import parse_augment
+
+    images, labels = random_set(96, seed=6)
+    outputs = {}
+    for kind in KINDS:
+        if kind == "dali" and not loaders.dali_available():
+            continue
+        loader = train_loader(kind, images, labels, 32, seed=4, augment=parse_augment(spec), channels_last=True)
+        outputs[kind] = _epoch(loader, 3)
+    plan = train_loader("torch", images, labels, 32, seed=4, augment=parse_augment(spec)).epoch_plan(3)
+    want = plan_reference(images, plan, 96, parse_augment(spec).pad)
+    for kind, batches in outputs.items():
+        got = torch.cat([b for b, _ in batches]).float()
+        assert torch.equal(torch.cat([y for _, y in batches]), torch.from_numpy(plan.order[:96])), kind
+        assert (got - want).abs().max().item() <= 1e-5, kind
+
+
+def cutout_boxes(batch: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """The erased square of each output image, read from the image: a normalised pixel is exactly 0 only where
+    cutout wrote it (x/255 == mean has no uint8 solution)."""
+    boxes = []
+    for image in batch.float():
+        zero = (image == 0).all(0)
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        y0, y1, x0, x1 = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
+        assert zero[y0:y1, x0:x1].all() and zero.sum().item() == (y1 - y0) * (x1 - x0)  # one solid rectangle
+        boxes.append((y0, x0, y1, x1))
+    return boxes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cutout_squares_are_legal_and_their_centres_uniform(kind):
+    """Each cutout is an 8x8 square clipped at the border; centres uniform over the 32x32 image (chi-square on
+    each axis, df 31: 0.999 quantile 61.10), and the crop under it is still a legal crop of the image's source."""
+    from fastcifar.data.augment import parse_augment
+
+    _require(kind)
+    images, labels = random_set(256, seed=8)
+    loader = train_loader(kind, images, labels, 128, seed=2, augment=parse_augment("crop,flip,cutout=8"))
+    centres = np.zeros((2, SIZE), dtype=np.int64)
+    for epoch in range(8):
+        for batch, batch_labels in _epoch(loader, epoch):
+            for (y0, x0, y1, x1) in cutout_boxes(batch):
+                assert y1 - y0 <= 8 and x1 - x0 <= 8 and (y1 - y0 == 8 or y0 == 0 or y1 == SIZE)
+                cy = y0 + 4 if y0 > 0 else y1 - 4
+                cx = x0 + 4 if x0 > 0 else x1 - 4
+                centres[0, cy] += 1
+                centres[1, cx] += 1
+    assert chi2_uniform(centres[0]) < 61.10 and chi2_uniform(centres[1]) < 61.10
+
+
+# --------------------------------------------------------------------------------------------------------------
+# On a GPU kept busy: the DALI hand-off (input copied on torch's stream, output bound to it) and the torch loader
+# must still give each label its own image. Skipped without CUDA; run by benchmarks/gpu_check.sh.
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_batches_stay_correct_on_a_busy_gpu(kind):
+    from fastcifar.data.augment import parse_augment
+
+    _require(kind)
+    images, labels = random_set(1024, seed=9)
+    loader = make_train_loader(kind, images, labels, 128, "cuda", torch.bfloat16, True, seed=3,
+                               augment=parse_augment("crop,flip"))
+    busy = torch.randn(4096, 4096, device="cuda")
+    reference = reference_padded(images)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        while True:
+            for _ in range(8):  # ~tens of ms of matmuls queued on torch's stream before every step
+                busy = (busy @ busy).tanh_()
+            try:
+                batch, batch_labels = next(batches)
+            except StopIteration:
+                break
+            batch, batch_labels = batch.cpu(), batch_labels.cpu()
+            identify(batch, reference[batch_labels], torch.bfloat16)  # asserts each image is a legal variant

@@ -3,61 +3,97 @@
 import json
 import math
 import random
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
 
 from fastcifar import FastCifarError
+from fastcifar.cli import main
+from fastcifar.config import default_grad_epochs
 from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import parameterised_layers
-from fastcifar.report import make_report
+from fastcifar.report import build_figures, make_report
 
 LAYERS = [name for name, _ in parameterised_layers(resnet18_cifar())]
 PNGS = ["training_curves.png", "gradient_flow.png", "weight_updates.png"]
+
+
+def _kind(layer):
+    return "norm" if "bn" in layer or "downsample.1" in layer else "linear" if layer == "fc" else "conv"
+
+
+NORM = [i for i, n in enumerate(LAYERS) if _kind(n) == "norm"]
+WEIGHTS = [i for i, n in enumerate(LAYERS) if _kind(n) != "norm"]
 
 
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def fabricate_run(run_dir, *, epochs=6, steps_per_epoch=40, samples=4, monitor=True, grad_epochs=None,
-                  flagged="layer1.0.bn1", flagged_epoch=1, synthetic=True, seed=0):
-    """A run directory shaped like train.py's: config.json, metrics.jsonl and (monitor) the per-layer rows,
-    with plausible magnitudes: |grad| falling with depth and over training, one layer flagged vanishing."""
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def fabricate_run(run_dir, *, epochs=6, planned=None, steps_per_epoch=40, samples=4, monitor=True, grad_epochs=None,
+                  flagged="layer1.0.bn1", flagged_epoch=1, synthetic=True, old_format=False, seed=0):
+    """A run directory shaped like train.py's: config.json, metrics.jsonl, steps.jsonl and (monitor) the
+    per-layer rows, with plausible magnitudes: a cosine LR decaying towards 0, RMS gradients falling smoothly
+    with depth while the norm saws up and down with layer size (conv 10^4-10^6 parameters, BatchNorm 10^2),
+    update ratios proportional to the LR, one layer flagged vanishing. old_format: the files of older runs (no
+    steps.jsonl; no kind, numel, rms or lr in the monitor rows)."""
     rng = random.Random(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     dataset = "SYNTHETIC data (2048 train / 1024 test, not CIFAR-10)" if synthetic else "CIFAR-10 from ./data"
     (run_dir / "config.json").write_text(json.dumps({
-        "config": {"epochs": epochs, "recipe": "worksheet", "batch_size": 128, "lr": 1e-3,
+        "config": {"epochs": planned or epochs, "recipe": "worksheet", "batch_size": 128, "lr": 1e-3,
                    "grad_epochs": grad_epochs, "grad_low": 1e-7, "grad_high": 1e3},
         "resolved": {"device_name": "cpu", "dataset": dataset, "steps_per_epoch": steps_per_epoch}}))
-    metrics, grads, updates = [], [], []
+    total = (planned or epochs) * steps_per_epoch
+    lr_at = lambda s: 1e-3 * 0.5 * (1 + math.cos(math.pi * s / total))  # noqa: E731
+    metrics, steps, grads, updates = [], [], [], []
     n = len(LAYERS)
     for epoch in range(epochs):
-        lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         acc = 0.35 + 0.55 * (1 - math.exp(-epoch / 2))
+        first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1
         metrics.append({"epoch": epoch, "train_loss": 1.8 * math.exp(-epoch / 3) + 0.1, "train_acc": acc + 0.03,
-                        "test_loss": 1.7 * math.exp(-epoch / 3) + 0.3, "test_acc": acc, "lr": lr,
-                        "train_time_s": 10.0, "eval_time_s": 1.0, "epoch_time_s": 11.0,
+                        "test_loss": 1.7 * math.exp(-epoch / 3) + 0.3, "test_acc": acc, "lr": lr_at(first),
+                        "lr_end": lr_at(last), "train_time_s": 10.0, "eval_time_s": 1.0, "epoch_time_s": 11.0,
                         "train_images_per_s": 512.0,
-                        "flags": {"vanishing": [flagged] if epoch == flagged_epoch else [], "exploding": []}})
+                        "flags": {"vanishing": [flagged] if flagged and epoch == flagged_epoch else [],
+                                  "exploding": []}})
+        for s in range(first, last + 1):
+            steps.append({"epoch": epoch, "step": s, "loss": 2.3 * math.exp(-s / total * 3) * rng.uniform(0.8, 1.2),
+                          "lr": lr_at(s)})
         for k in range(samples):
-            step = epoch * steps_per_epoch + k * (steps_per_epoch // samples)
+            step = first + k * (steps_per_epoch // samples)
             for i, layer in enumerate(LAYERS):
-                scale = 10 ** (-2.5 - 1.5 * i / n) * (0.85 ** epoch) * rng.uniform(0.7, 1.4)
+                numel = 128 if _kind(layer) == "norm" else 9 * 64 * 64 * 2 ** (i // 10)
+                rms = 10 ** (-2 - 1.5 * i / n) * (0.85 ** epoch) * rng.uniform(0.8, 1.25)
                 if layer == flagged and epoch == flagged_epoch:
-                    scale = 1e-10
-                grads.append({"epoch": epoch, "step": step, "layer": layer, "index": i, "mean_abs": scale,
-                              "max_abs": 30 * scale, "norm": 40 * scale * math.sqrt(1 + i)})
-                updates.append({"scope": "step", "epoch": epoch, "step": step, "layer": layer, "index": i,
-                                "ratio": 1e-3 * (lr / 1e-3 + 0.05) * rng.uniform(0.4, 2.5) * (3 if "bn" in layer
-                                                                                             else 1)})
+                    rms = 1e-10 / math.sqrt(numel)
+                norm = rms * math.sqrt(numel)
+                grads.append({"epoch": epoch, "step": step, "layer": layer, "index": i, "kind": _kind(layer),
+                              "numel": numel, "mean_abs": 0.8 * rms, "max_abs": 30 * rms, "norm": norm, "rms": rms})
+                updates.append({"scope": "step", "epoch": epoch, "step": step, "lr": lr_at(step), "layer": layer,
+                                "index": i, "kind": _kind(layer),
+                                "ratio": lr_at(step) * rng.uniform(0.5, 2) * (3 if _kind(layer) == "norm" else 1)})
+        mean_lr = float(np.mean([lr_at(s) for s in range(first, last + 1)]))
         for i, layer in enumerate(LAYERS):
-            updates.append({"scope": "epoch", "epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "layer": layer,
-                            "index": i, "ratio": 0.02 * (lr / 1e-3 + 0.05) * rng.uniform(0.5, 2) * (1 + i / n)})
+            updates.append({"scope": "epoch", "epoch": epoch, "step": last + 1, "lr": mean_lr, "layer": layer,
+                            "index": i, "kind": _kind(layer), "ratio": 20 * mean_lr * rng.uniform(0.5, 2)})
     updates[5]["ratio"] = None  # NaN/Inf are stored as null: must be skipped, not crash
+    if old_format:
+        for rows, keys in ((grads, ["kind", "numel", "rms"]), (updates, ["kind", "lr"])):
+            for r in rows:
+                for key in keys:
+                    del r[key]
     _write_jsonl(run_dir / "metrics.jsonl", metrics)
+    if not old_format:
+        _write_jsonl(run_dir / "steps.jsonl", steps)
     if monitor:
         _write_jsonl(run_dir / "grad_flow.jsonl", grads)
         _write_jsonl(run_dir / "updates.jsonl", updates)
@@ -70,6 +106,16 @@ def _check_png(path, min_w=600, min_h=300):
     h, w = image.shape[:2]
     assert w >= min_w and h >= min_h, (path, w, h)
     assert np.ptp(image[..., :3]) > 0.5, f"{path} is (nearly) a single colour"
+
+
+def _lines(fig, prefix=""):
+    """gid -> Line2D of every line a figure's code tagged (the data series the tests check)."""
+    return {line.get_gid(): line for ax in fig.axes for line in ax.lines
+            if line.get_gid() and line.get_gid().startswith(prefix)}
+
+
+def _axes_of(fig, gid):
+    return next(ax for ax in fig.axes for line in ax.lines if line.get_gid() == gid)
 
 
 def test_report_writes_the_three_figures(tmp_path):
@@ -89,6 +135,106 @@ def test_report_out_dir_and_configured_epochs(tmp_path):
     assert [p.name for p in paths] == PNGS
     assert all(p.parent == tmp_path / "out" / "nested" for p in paths)
     assert not (run / "plots").exists()
+    assert set(_lines(build_figures(run)["gradient_flow.png"], "grad:weights:")) == {"grad:weights:0",
+                                                                                     "grad:weights:2"}
+
+
+@pytest.mark.parametrize("epochs, planned", [(12, None), (7, 12)])
+def test_gradient_flow_default_epochs_follow_the_config_default(tmp_path, epochs, planned):
+    run = fabricate_run(tmp_path / "run", epochs=epochs, planned=planned, steps_per_epoch=4, samples=1)
+    drawn = sorted(int(g.rsplit(":", 1)[1]) for g in _lines(build_figures(run)["gradient_flow.png"], "grad:weights:"))
+    # The planned run's defaults that exist, plus the latest epoch of an unfinished run.
+    assert drawn == sorted({e for e in default_grad_epochs(planned or epochs) if e < epochs} | {epochs - 1})
+    assert drawn == ([0, 5, 10, 11] if planned is None else [0, 5, 6])
+
+
+def test_training_curves_plot_every_step_and_an_lr_axis_that_reaches_zero(tmp_path):
+    run = fabricate_run(tmp_path / "run", epochs=2, steps_per_epoch=40)
+    steps = _read_jsonl(run / "steps.jsonl")
+    fig = build_figures(run)["training_curves.png"]
+    lines = _lines(fig)
+    assert "train_loss_epoch" not in lines  # per step, not per epoch
+    step_line = lines["train_loss_step"]
+    np.testing.assert_allclose(step_line.get_ydata(), [r["loss"] for r in steps])
+    np.testing.assert_allclose(step_line.get_xdata(), [r["step"] / 40 for r in steps])  # x: fractional epoch
+    assert _axes_of(fig, "train_loss_step").get_yscale() == "log"
+    np.testing.assert_allclose(lines["test_loss"].get_xdata(), [1, 2])  # measured at each epoch's end
+    np.testing.assert_allclose(lines["lr"].get_ydata(), [r["lr"] for r in steps])
+    assert _axes_of(fig, "lr").get_ylim()[0] == 0
+
+
+def test_training_curves_of_a_one_epoch_run_show_its_steps(tmp_path):
+    run = fabricate_run(tmp_path / "run", epochs=1, steps_per_epoch=12, flagged_epoch=0)
+    fig = build_figures(run)["training_curves.png"]
+    assert len(_lines(fig)["train_loss_step"].get_xdata()) == 12
+    assert fig.axes[0].get_xlim()[1] >= 1  # the end-of-epoch test point is inside the axes
+
+
+def test_gradient_flow_plots_rms_with_conv_and_norm_layers_apart(tmp_path):
+    run = fabricate_run(tmp_path / "run", epochs=2)
+    rows = [r for r in _read_jsonl(run / "grad_flow.jsonl") if r["epoch"] == 0]
+    expected = [np.mean([r["rms"] for r in rows if r["index"] == i]) for i in range(len(LAYERS))]
+    lines = _lines(build_figures(run)["gradient_flow.png"], "grad:")
+    for group, idx in (("weights", WEIGHTS), ("norm", NORM)):
+        line = lines[f"grad:{group}:0"]
+        assert list(line.get_xdata()) == idx  # a line never joins a conv layer to a norm layer
+        np.testing.assert_allclose(line.get_ydata(), [expected[i] for i in idx], rtol=1e-9)
+
+
+def _margin(fig):
+    return next(t for ax in fig.axes if "vs limits" in (t := ax.get_title()))
+
+
+def test_gradient_flow_states_the_margin_to_the_flag_limits(tmp_path):
+    run = fabricate_run(tmp_path / "ok", flagged=None)
+    norms = [r["norm"] for r in _read_jsonl(run / "grad_flow.jsonl")]
+    text = _margin(build_figures(run)["gradient_flow.png"])
+    low, high = re.search(r"^no layer flagged; range (\S+)–(\S+) vs limits 1e-7/1e3 \(", text).groups()
+    assert float(low) == pytest.approx(min(norms), rel=0.05) and float(high) == pytest.approx(max(norms), rel=0.05)
+    flagged = _margin(build_figures(fabricate_run(tmp_path / "bad"))["gradient_flow.png"])
+    assert flagged.startswith("FLAGGED vanishing layer1.0.bn1 (epoch 1); range 1e-10–")
+
+
+def test_weight_updates_are_normalised_by_the_lr(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    rows = [r for r in _read_jsonl(run / "updates.jsonl") if r["scope"] == "step" and r["index"] in WEIGHTS]
+    by_step = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(r["ratio"] / r["lr"] if r["ratio"] else math.nan)
+    fig = build_figures(run)["weight_updates.png"]
+    line = _lines(fig)["update:weights"]
+    np.testing.assert_allclose(line.get_ydata(), [np.nanmedian(by_step[s]) for s in sorted(by_step)])
+    # The cosine LR falls ~100x over the sampled steps; the normalised update stays level.
+    raw = [np.nanmedian([r["ratio"] or math.nan for r in rows if r["step"] == s]) for s in sorted(by_step)]
+    assert max(raw) / min(raw) > 50 and np.ptp(np.log10(line.get_ydata())) < 0.3
+    assert "÷ its LR" in _axes_of(fig, "update:weights").get_ylabel()
+
+
+def test_old_run_files_still_plot(tmp_path):
+    """No steps.jsonl, and no kind/numel/rms/lr in the monitor rows: what runs before them wrote."""
+    run = fabricate_run(tmp_path / "run", old_format=True)
+    metrics = _read_jsonl(run / "metrics.jsonl")
+    _write_jsonl(run / "metrics.jsonl", metrics + [{**metrics[-1], "train_loss": 0.123}])  # a resumed epoch
+    figures = build_figures(run)
+    assert list(figures) == PNGS
+    epoch_line = _lines(figures["training_curves.png"])["train_loss_epoch"]
+    np.testing.assert_allclose(epoch_line.get_ydata(), [r["train_loss"] for r in metrics[:-1]] + [0.123])
+    # Kinds come from the layer names; without numel the norm is drawn (and the axis says so).
+    grad = _lines(figures["gradient_flow.png"], "grad:")
+    assert list(grad["grad:norm:0"].get_xdata()) == NORM
+    assert "no numel" in _axes_of(figures["gradient_flow.png"], "grad:norm:0").get_ylabel()
+    # Without a per-row lr the updates are divided by the LR of metrics.jsonl (lr at an epoch's first step).
+    lr = {r["epoch"]: r["lr"] for r in metrics}
+    rows = [r for r in _read_jsonl(run / "updates.jsonl") if r["scope"] == "step" and r["index"] in WEIGHTS]
+    first = [r["ratio"] / lr[0] for r in rows if r["step"] == 0 and r["ratio"]]
+    assert _lines(figures["weight_updates.png"])["update:weights"].get_ydata()[0] == pytest.approx(
+        np.median(first))
+    for p in make_report(run):
+        _check_png(p)
+    # Older still: no lr_end either. The LR is then known at each epoch's first step only.
+    _write_jsonl(run / "metrics.jsonl", [{k: v for k, v in r.items() if k != "lr_end"} for r in metrics])
+    lr_line = _lines(build_figures(run)["training_curves.png"])["lr"]
+    np.testing.assert_allclose(lr_line.get_ydata(), [r["lr"] for r in metrics])
 
 
 def test_report_without_monitor_files_draws_curves_only(tmp_path):
@@ -101,12 +247,30 @@ def test_report_without_monitor_files_draws_curves_only(tmp_path):
 def test_report_tolerates_torn_lines_nulls_and_a_single_epoch(tmp_path):
     run = fabricate_run(tmp_path / "run", epochs=1, flagged_epoch=0)
     (run / "config.json").unlink()  # optional: only the title loses detail
-    with open(run / "grad_flow.jsonl", "a") as f:
-        f.write('{"epoch": 0, "step": 3, "lay')  # a crash mid-write
-    # A diverged run: every ratio non-finite (null). Log axes must not fail on having nothing to draw.
-    rows = [json.loads(line) for line in (run / "updates.jsonl").read_text().splitlines()]
+    for name in ("grad_flow.jsonl", "steps.jsonl", "metrics.jsonl"):
+        with open(run / name, "a") as f:
+            f.write('{"epoch": 0, "step": 3, "lay')  # a crash mid-write
+    # A diverged run: every ratio and loss non-finite (null). Log axes must not fail on having nothing to draw.
+    rows = _read_jsonl(run / "updates.jsonl")
     _write_jsonl(run / "updates.jsonl", [{**r, "ratio": None} for r in rows])
     assert [p.name for p in make_report(run)] == PNGS
+
+
+@pytest.mark.parametrize("content", [
+    bytes(range(256)) * 4,  # binary, with newlines in it
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff",  # another file's bytes
+    b"\x00\xff\xfe\x01" * 64,  # binary without a newline: a single "torn" line, yet no run wrote it
+    b"not json at all\n",
+    b'{"epoch": 0, "train_loss": 1.0}\n<<garbage>>\n{"epoch": 1, "train_loss": 0.9}\n',
+])
+def test_damaged_metrics_is_one_clear_error(tmp_path, capsys, content):
+    run = fabricate_run(tmp_path / "run", epochs=2, monitor=False)
+    (run / "metrics.jsonl").write_bytes(content)
+    with pytest.raises(FastCifarError, match=r"metrics\.jsonl is damaged"):
+        make_report(run)
+    assert main(["report", str(run)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl is damaged" in err and "Traceback" not in err
 
 
 def test_report_rejects_a_non_run_directory(tmp_path):
@@ -116,3 +280,11 @@ def test_report_rejects_a_non_run_directory(tmp_path):
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     with pytest.raises(FastCifarError, match=r"no metrics\.jsonl"):
         make_report(tmp_path / "empty")
+
+
+def test_report_module_stays_light():
+    """`fastcifar report` must not pay for torch (nor the monitor or the trainer that import it)."""
+    code = ("import sys, fastcifar.report; "
+            "print(sorted(m for m in ('torch', 'fastcifar.monitor', 'fastcifar.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
