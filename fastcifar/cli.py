@@ -62,6 +62,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                                           "default cosine")
     g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up before the decay; default 0")
     g.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
+    g.add_argument("--zero-init-residual", action="store_const", const=True,
+                   help="start each residual block's last BatchNorm at 0 (the fast recipe does)")
     g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights "
                                                               "with this per-step decay (e.g. 0.999); default off")
     g.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: flip averages each test image's logits "

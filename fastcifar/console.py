@@ -39,24 +39,29 @@ def legend(tta: bool) -> str:
 def _short(x: float) -> str:
     """1.0e-3 rather than 1.00e-03: the LR range must fit the line."""
     mantissa, exponent = f"{x:.1e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def _compact(seconds: float) -> str:
+    return f"{seconds:.2f}" if seconds < 10 else f"{seconds:.1f}" if seconds < 100 else f"{seconds:.0f}"
 
 
 def epoch_line(cfg, row: dict) -> str:
     width = len(str(cfg.epochs))
     accs = [row["train_acc"], row["test_acc"]] + ([row["test_acc_tta"]] if row.get("test_acc_tta") is not None else [])
     acc = "/".join(f"{100 * a:.1f}" if len(accs) > 2 else f"{100 * a:.2f}" for a in accs)
-    perf = f"{row['train_images_per_s']:,.0f} img/s"
+    ips = row["train_images_per_s"]
+    perf = f"{ips / 1000:,.0f}k img/s" if ips >= 100_000 else f"{ips:,.0f} img/s"
     if row.get("mfu") is not None:
         perf += f" MFU {100 * row['mfu']:.1f}%"
     elif row.get("achieved_tflops") is not None:
         perf += f" {row['achieved_tflops']:.1f} TFLOP/s"
     elif row.get("achieved_gflops") is not None:
         perf += f" {row['achieved_gflops']:.1f} GFLOP/s"
-    saved = f" +ckpt {row['checkpoint_time_s']:.2f}" if row.get("checkpoint_time_s") else ""
+    saved = f" +ckpt {_compact(row['checkpoint_time_s'])}" if row.get("checkpoint_time_s") else ""
     line = (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] "
-            f"loss {row['train_loss']:.3f}/{row['test_loss']:.3f} acc {acc}% "
-            f"lr {_short(row['lr'])}→{_short(row['lr_end'])} | {row['epoch_time_s']:.2f} s{saved} | {perf}")
+            f"loss {row['train_loss']:.4g}/{row['test_loss']:.4g} acc {acc}% "
+            f"lr {_short(row['lr'])}→{_short(row['lr_end'])} | {_compact(row['epoch_time_s'])} s{saved} | {perf}")
     notes = []
     if row.get("compile_s"):
         notes.append(f"this epoch includes {row['compile_s']:.1f} s of compilation and graph capture")

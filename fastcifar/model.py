@@ -10,9 +10,13 @@ from torchvision.models import resnet18
 CIFAR_RESNET18_PARAMS = 11_173_962
 
 
-def resnet18_cifar(num_classes: int = 10, stem: str = "cifar") -> nn.Module:
-    """stem="cifar": 3x3 stride-1 padding-1 conv, no max-pool (the report's); stem="imagenet": torchvision's own."""
-    model = resnet18(weights=None, num_classes=num_classes)
+def resnet18_cifar(num_classes: int = 10, stem: str = "cifar", zero_init_residual: bool = False) -> nn.Module:
+    """stem="cifar": 3x3 stride-1 padding-1 conv, no max-pool (the report's); stem="imagenet": torchvision's own.
+
+    zero_init_residual: the last BatchNorm of each residual block starts at 0, so every block starts as the
+    identity (Goyal et al. 2017, "zero gamma"): the same architecture, initialised to tolerate a large LR early.
+    """
+    model = resnet18(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
     if stem == "cifar":
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()

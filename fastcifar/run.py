@@ -16,9 +16,8 @@ import math
 import signal
 import statistics
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,11 +27,13 @@ from fastcifar import FastCifarError, TrainingDiverged, __version__
 from fastcifar import distributed as dist
 from fastcifar import flops
 from fastcifar.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fastcifar.config import ACCURACY_MILESTONES, TrainConfig, resolve
+from fastcifar.config import TrainConfig, resolve
 from fastcifar.console import epoch_line, legend, make_progress, summary_table, wrapped
 from fastcifar.data.cifar import load_dataset
 from fastcifar.files import NoSpace, remove_stale_temp_files
 from fastcifar.optim import load_optimizer_state
+from fastcifar.signals import GracefulStop, RunInterrupted
+from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, summarise
 from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
 
 if TYPE_CHECKING:
@@ -41,41 +42,6 @@ if TYPE_CHECKING:
 CHECKPOINT_FORMAT = 2
 SAVE_SHARE = 0.05  # --save-every auto on CUDA: saving may cost at most this share of the training time
 DROP_WARNING = 0.10  # warn when the last partial batch drops more than this share of the training set
-
-
-class RunInterrupted(FastCifarError):
-    """A second signal, or one before the run could stop cleanly: exit at once, 128 + the signal number."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class GracefulStop:
-    """SIGINT and SIGTERM (what schedulers and `docker stop` send) set a flag that the step loop checks; a second
-    signal raises at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            self.restore()
-            raise KeyboardInterrupt(signum)
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping at the next safe point, keeping every finished epoch "
-              f"(send it again to exit at once)", file=sys.stderr, flush=True)
 
 
 class EpochClock:
@@ -110,16 +76,10 @@ class Timing:
     compile_s: float = 0.0
     checkpoint_s: float = 0.0  # of the saves completed before the latest
     checkpoints: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _clone(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
-
-
-def headline(cfg: TrainConfig, row: dict) -> float:
-    """The accuracy a run is judged by: with flip TTA when --tta flip, else plain."""
-    return row["test_acc_tta"] if cfg.tta == "flip" else row["test_acc"]
 
 
 class TrainingRun:
@@ -146,16 +106,20 @@ class TrainingRun:
         path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
         run = cls(cfg, info, dist.broadcast_object(path, info), stop_after_epoch)
         run.res = resolve(cfg, info.local_rank, info.world_size)
-        if resume_dir is not None:
-            run._open_resume()
-        elif info.is_main and run.dir.holds_run():
-            raise FastCifarError(f"{path} already holds a run ({', '.join(run.dir.holds_run())}): continue it with "
-                                 f"`fastcifar train --resume {path}`, or choose another --run-dir.")
-        if init_from:
-            run.init_state = load_checkpoint(Path(init_from))
-        run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
-                                   cfg.synthetic_size, cfg.seed)
-        run._check_sizes()
+        try:
+            if resume_dir is not None:
+                run._open_resume()  # takes the lock: a resume must not read what a live run is writing
+            elif info.is_main and run.dir.holds_run():
+                raise FastCifarError(f"{path} already holds a run ({', '.join(run.dir.holds_run())}): continue it "
+                                     f"with `fastcifar train --resume {path}`, or choose another --run-dir.")
+            if init_from:
+                run.init_state = load_checkpoint(Path(init_from))
+            run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
+                                       cfg.synthetic_size, cfg.seed)
+            run._check_sizes()
+        except BaseException:
+            run.dir.unlock()
+            raise
         return run
 
     def _open_resume(self) -> None:
@@ -202,9 +166,10 @@ class TrainingRun:
         self.device_name = flops.device_name(self.res.device, self.info.world_size)
         self.peak = self.cfg.peak_tflops or (flops.peak_tflops(flops.device_name(self.res.device), self.res.precision)
                                              if self.res.device.type == "cuda" else None)
+        res = self.res
         self.active = " ".join(n for n, on in [
-            ("compile", self.res.compile), ("cuda-graphs", self.res.cuda_graphs), ("channels_last", self.res.channels_last),
-            (self.res.precision, True), (self.res.loader, True), (f"ddp x{self.info.world_size}", self.info.enabled),
+            ("compile", res.compile), ("cuda-graphs", res.cuda_graphs), ("channels_last", res.channels_last),
+            (res.precision, True), (res.loader, True), (f"ddp x{self.info.world_size}", self.info.enabled),
             (f"ema {self.cfg.ema}", bool(self.cfg.ema)), ("tta flip", self.cfg.tta == "flip")] if on)
         if self.info.is_main:
             self._prepare_directory(s)
@@ -383,11 +348,11 @@ class TrainingRun:
                "train_images_per_s": ips,
                **flops.throughput(ips, self.flops_per_image, self.res.device.type, self.peak, self.info.world_size),
                "flags": train["flags"], "active": self.active}
-        acc = headline(cfg, row)
-        reached_before = {t for t in ACCURACY_MILESTONES if self.best.acc >= t}
-        row["first_reached"] = [t for t in ACCURACY_MILESTONES if acc >= t and t not in reached_before]
+        acc = headline(cfg.tta, row)
+        row["first_reached"] = newly_reached(acc, self.best.acc, ACCURACY_MILESTONES)
         if acc > self.best.acc:
-            self.best = Best(epoch, acc, _clone(s.model.state_dict()), _clone(s.ema.model.state_dict()) if s.ema else None)
+            self.best = Best(epoch, acc, _clone(s.model.state_dict()),
+                             _clone(s.ema.model.state_dict()) if s.ema else None)
         signalled = dist.any_rank(self.stop.signum is not None, self.info, self.res.device)
         target = cfg.target_acc is not None and acc >= cfg.target_acc
         if target:
@@ -482,7 +447,8 @@ class TrainingRun:
         print(f"{'Results' if finished else 'Stopped early: results so far'} — {self.dataset.description}")
         print(summary_table(summary))
         if self.target_epoch is not None:
-            print(f"target test accuracy {100 * self.cfg.target_acc:g}% reached at epoch {self.target_epoch}: stopped")
+            print(f"target test accuracy {100 * self.cfg.target_acc:g}% reached at epoch {self.target_epoch}: "
+                  f"stopped")
         if self.stopped_by:
             print(f"stopped by {self.stopped_by}: epochs 0-{self.saved_through} are saved in {self.dir.file('last.pt')}")
         if not finished and self.saved_through >= 0:
@@ -499,40 +465,19 @@ class TrainingRun:
         return summary
 
     def _summary(self, rows: list[dict]) -> dict:
-        cfg, last = self.cfg, rows[-1]
-        steady = [r for r in rows if not r.get("compile_s")] or rows
-        mean = lambda key: statistics.fmean(r[key] for r in steady)  # noqa: E731
-        accs = [headline(cfg, r) for r in rows]
-        best = max(range(len(rows)), key=lambda i: accs[i])
-        time_to = {}
-        for t in ACCURACY_MILESTONES:
-            first = next((r for r, a in zip(rows, accs) if a >= t), None)
-            time_to[f"{100 * t:g}%"] = first and {"epoch": first["epoch"], "wall_s": first["elapsed_s"],
-                                                  "train_s": first["elapsed_train_s"]}
-        summary = {
-            "run_dir": str(self.dir.path), "recipe": cfg.recipe, "dataset": self.dataset.description,
-            "finished": len(rows) == cfg.epochs, "epochs_done": len(rows), "epochs": cfg.epochs,
-            "final_train_acc": last["train_acc"], "final_test_acc": last["test_acc"],
-            "final_test_acc_tta": last.get("test_acc_tta"), "final_train_loss": last["train_loss"],
-            "final_test_loss": last["test_loss"], "headline": "flip TTA" if cfg.tta == "flip" else "no TTA",
-            "best_test_acc": accs[best], "best_epoch": rows[best]["epoch"],
-            "best_test_acc_no_tta": max(r["test_acc"] for r in rows),
-            "mean_epoch_time_s": mean("epoch_time_s"), "mean_train_time_s": mean("train_time_s"),
-            "mean_train_images_per_s": mean("train_images_per_s"), "timed_epochs": len(steady),
-            "first_epoch_time_s": rows[0]["epoch_time_s"], "compile_s": sum(r.get("compile_s", 0) for r in rows),
-            "checkpoint_time_s": self.timing.checkpoint_s, "checkpoints": self.timing.checkpoints,
-            "total_wall_s": self._wall(), "train_wall_s": self.timing.train_s, "time_to_acc": time_to,
-            "target_acc": cfg.target_acc, "target_reached_epoch": next(
-                (r["epoch"] for r, a in zip(rows, accs) if cfg.target_acc and a >= cfg.target_acc), None),
-            "stopped_by": self.stopped_by, "device_name": self.device_name, "active": self.active,
-            "train_flops_per_image": self.flops_per_image,
-            "flagged_layers": sorted({name for r in rows for v in r["flags"].values() for name in v}),
-            "last_pt": str(self.dir.file("last.pt")) if self.saved_through >= 0 else None,
-            "best_pt": str(self.dir.file("best.pt")) if self.best_written >= 0 else None}
+        cfg = self.cfg
+        summary = {"run_dir": str(self.dir.path), "recipe": cfg.recipe, "dataset": self.dataset.description,
+                   **summarise(rows, tta=cfg.tta, epochs=cfg.epochs, target_acc=cfg.target_acc,
+                               milestones=ACCURACY_MILESTONES),
+                   "checkpoint_time_s": self.timing.checkpoint_s, "checkpoints": self.timing.checkpoints,
+                   "total_wall_s": self._wall(), "train_wall_s": self.timing.train_s, "stopped_by": self.stopped_by,
+                   "device_name": self.device_name, "active": self.active,
+                   "train_flops_per_image": self.flops_per_image,
+                   "last_pt": str(self.dir.file("last.pt")) if self.saved_through >= 0 else None,
+                   "best_pt": str(self.dir.file("best.pt")) if self.best_written >= 0 else None}
         perf = flops.throughput(summary["mean_train_images_per_s"], self.flops_per_image, self.res.device.type,
                                 self.peak, self.info.world_size)
-        summary.update({f"mean_{k}": v for k, v in perf.items()})
-        return summary
+        return {**summary, **{f"mean_{k}": v for k, v in perf.items()}}
 
     # --- the context: whatever ends the run, say what was kept and how to continue ---------------------------
     def __enter__(self) -> TrainingRun:

@@ -17,7 +17,6 @@ import os
 import socket
 import statistics
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -160,7 +159,18 @@ class MetricsSink:
 
     def summary(self, summary: dict) -> None:
         self.run.write_json("summary.json", summary)
-        self.tracker.set_summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        self.tracker.set_summary({k: v for k, v in _flat(summary).items() if isinstance(v, (int, float, str))})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"time_to_acc": {"94%": {"epoch": 12}}} -> {"time_to_acc/94%/epoch": 12}: W&B summaries are flat."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _finite(value) -> bool:
@@ -214,7 +224,8 @@ class WandbTracker:
         self.run.define_metric("epoch")
         self.run.define_metric("step")
         for key in EPOCH_KEYS.values():
-            self.run.define_metric(key, step_metric="epoch", **({"summary": SUMMARIES[key]} if key in SUMMARIES else {}))
+            summary = {"summary": SUMMARIES[key]} if key in SUMMARIES else {}
+            self.run.define_metric(key, step_metric="epoch", **summary)
         for prefix in ("grad/*", "update/*"):
             self.run.define_metric(prefix, step_metric="step")
 

@@ -75,7 +75,8 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     memory_format = torch.channels_last if res.channels_last else torch.contiguous_format
-    model = resnet18_cifar(num_classes=len(ds.classes)).to(res.device, memory_format=memory_format)
+    model = resnet18_cifar(num_classes=len(ds.classes), zero_init_residual=cfg.zero_init_residual)
+    model = model.to(res.device, memory_format=memory_format)
     step_model = model
     if info.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(

@@ -41,7 +41,7 @@ def run_steps(s, data, monitored=False):
 def reference_weights(cfg, data, optimizer_factory, lr_lambda):
     """The step as it was written before the CUDA-graph work: host LR (LambdaLR), zero_grad, backward, step."""
     torch.manual_seed(cfg.seed)
-    model = resnet18_cifar(10).to(memory_format=torch.channels_last)
+    model = resnet18_cifar(10, zero_init_residual=cfg.zero_init_residual).to(memory_format=torch.channels_last)
     optimizer = optimizer_factory(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     model.train()

@@ -168,11 +168,13 @@ def test_plots_are_drawn_at_the_end_and_by_fastcifar_report(synthetic_run, tmp_p
 
 
 def test_compile_builds_one_graph_for_training_and_one_for_evaluation(tmp_path):
-    """Static shapes: no recompile for the padded last eval batch or later epochs (CPU; ~1 min to compile)."""
+    """Static shapes: one graph for training and one for evaluation, even with an eval batch that differs from the
+    training batch (dynamic=False: no dynamic-shape graph), none for the padded last eval batch or later epochs
+    (CPU; ~1 min to compile)."""
     from torch._dynamo.utils import counters
 
     counters.clear()
-    # 40 training images at batch 8; 20 test images = 2 full eval batches + one padded
-    fit(build_config(**dict(TINY, synthetic_size=40), compile="on", run_dir=str(tmp_path / "r")))
+    # 40 training images at batch 8; 20 test images at eval batch 12 = one full eval batch + one padded
+    fit(build_config(**dict(TINY, synthetic_size=40), eval_batch_size=12, compile="on", run_dir=str(tmp_path / "r")))
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]

@@ -29,10 +29,6 @@ class AugmentSpec:
     flip: bool = True  # horizontal flip with p = 0.5
     cutout: int = 0  # side of the cutout square; 0 = none
 
-    def __str__(self) -> str:
-        items = ([f"crop={self.pad}" if self.pad != PAD else "crop"] if self.pad else []) + (["flip"] if self.flip else [])
-        return ",".join(items + ([f"cutout={self.cutout}"] if self.cutout else [])) or "none"
-
 
 AUGMENT_HELP = ("comma-separated: crop (RandomCrop 32, padding 4), crop=P (padding P), flip (horizontal, p=0.5), "
                 "cutout=N (an N x N square of mean colour), or none")

@@ -1,0 +1,134 @@
+"""The fast recipe and what it is built from: recipe defaults, flip TTA, the EMA of the weights, time-to-accuracy
+and --target-acc. (The step's arithmetic is in test_step.py, the augmentation in test_loaders.py; the 94 % claim
+itself needs a GPU: benchmarks/gpu_sweep.sh.)"""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from support import REPO, TINY
+from fastcifar import run as run_module
+from fastcifar.config import RECIPES, build_config, resolve
+from fastcifar.data.cifar import load_dataset
+from fastcifar.distributed import DistInfo
+from fastcifar.train import build_session, evaluate, fit
+
+
+def test_the_fast_recipe_sets_its_defaults_and_every_flag_overrides_them():
+    cfg = build_config("fast")
+    assert (cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.scheduler, cfg.tta) == ("sgd", 512, 15, "linear", "flip")
+    assert cfg.nesterov and cfg.weight_decay == 5e-4 and cfg.label_smoothing == 0.1 and "cutout=8" in cfg.augment
+    cfg = build_config("fast", lr=0.1, augment="crop,flip", tta="off")
+    assert (cfg.lr, cfg.augment, cfg.tta, cfg.optimizer) == (0.1, "crop,flip", "off", "sgd")
+    assert build_config("worksheet") == build_config()  # the report's table stays the default
+    assert set(RECIPES["fast"]) <= set(build_config().to_dict())
+
+
+def session(**overrides):
+    cfg = build_config(**{"dataset": "synthetic", "synthetic_size": 32, "batch_size": 8, "epochs": 2, "wandb": "off",
+                          **overrides})
+    ds = load_dataset(cfg.dataset, synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+    return build_session(cfg, DistInfo(), ds, resolve(cfg), notice=lambda text: None), ds
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
+    s, ds = session(tta="flip")
+    result = evaluate(s)
+    images = torch.from_numpy(ds.test_images).permute(0, 3, 1, 2).float()
+    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(1, 3, 1, 1)
+    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
+    x = ((images / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        s.model.eval()
+        plain, mirrored = s.model(x), s.model(x.flip(3).contiguous(memory_format=torch.channels_last))
+    labels = torch.from_numpy(ds.test_labels)
+    assert result["test_acc"] == pytest.approx((plain.argmax(1) == labels).float().mean().item())
+    assert result["test_acc_tta"] == pytest.approx((((plain + mirrored) / 2).argmax(1) == labels).float().mean().item())
+    averaged = torch.nn.functional.cross_entropy((plain + mirrored) / 2, labels).item()
+    assert result["test_loss_tta"] == pytest.approx(averaged, rel=1e-4)
+
+
+def test_the_ema_follows_its_recurrence_and_is_what_evaluation_uses():
+    s, _ = session(ema=0.9)
+    assert s.eval_model is s.ema.model  # evaluation sees the averaged weights
+    expected = {k: v.clone() for k, v in s.model.state_dict().items()}
+    s.train_loader.set_epoch(0)
+    s.model.train()
+    for images, labels in list(s.train_loader)[:3]:
+        s.stepper(images, labels, False)
+        for k, v in s.model.state_dict().items():
+            expected[k] = expected[k] + 0.1 * (v - expected[k]) if v.is_floating_point() else v.clone()
+    for k, v in s.ema.model.state_dict().items():
+        assert torch.allclose(v, expected[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.fixture(scope="module")
+def tta_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tta") / "run"
+    summary = fit(build_config(**dict(TINY, epochs=3, tta="flip", monitor=False), run_dir=str(run)))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return run, summary, rows
+
+
+def test_summary_shows_accuracy_with_and_without_tta_and_says_which_is_the_headline(tta_run):
+    run, summary, rows = tta_run
+    assert summary["headline"] == "flip TTA"
+    assert summary["best_test_acc"] == max(r["test_acc_tta"] for r in rows)
+    assert summary["best_test_acc_no_tta"] == max(r["test_acc"] for r in rows)
+    assert summary["final_test_acc_tta"] == rows[-1]["test_acc_tta"]
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert best["headline"] == "flip TTA" and best["test_acc"] == summary["best_test_acc"]
+
+
+def test_time_to_accuracy_is_recorded_in_rows_summary_and_table(tta_run, tmp_path, monkeypatch, capsys):
+    _, _, rows = tta_run
+    accs = [r["test_acc_tta"] for r in rows]
+    milestones = (min(accs), max(accs), 1.5)  # reached at once, reached at the best epoch, never
+    monkeypatch.setattr(run_module, "ACCURACY_MILESTONES", milestones)
+    summary = fit(build_config(**dict(TINY, epochs=3, tta="flip", monitor=False), run_dir=str(tmp_path / "r")))
+    out = capsys.readouterr().out
+    again = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    first = {m: next(r["epoch"] for r in again if r["test_acc_tta"] >= m) for m in milestones[:2]}
+    for r in again:
+        assert r["first_reached"] == [m for m in milestones[:2] if first[m] == r["epoch"]]
+        assert r["elapsed_s"] >= r["elapsed_train_s"] > 0
+    time_to = summary["time_to_acc"]
+    for m in milestones[:2]:
+        entry = time_to[f"{100 * m:g}%"]
+        assert entry["epoch"] == first[m] and entry["wall_s"] == again[first[m]]["elapsed_s"]
+    assert time_to["150%"] is None and "not reached" in out
+    assert f"Time to {100 * milestones[0]:g}% test accuracy" in out
+    assert summary["total_wall_s"] >= summary["train_wall_s"] > 0 and "compile_s" in summary
+
+
+def test_target_accuracy_stops_the_run_after_that_epochs_checkpoint(tta_run, tmp_path, capsys):
+    _, _, rows = tta_run
+    target = rows[1]["test_acc_tta"]
+    reached = next(r["epoch"] for r in rows if r["test_acc_tta"] >= target)
+    summary = fit(build_config(**dict(TINY, epochs=3, tta="flip", monitor=False), target_acc=target,
+                               run_dir=str(tmp_path / "r")))
+    assert summary["target_reached_epoch"] == reached and summary["epochs_done"] == reached + 1
+    assert not summary["finished"]
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["epoch"] == reached + 1
+    assert f"target test accuracy {100 * target:g}% reached at epoch {reached}: stopped" in capsys.readouterr().out
+
+
+def test_gpu_sweep_runs_its_grid_and_writes_one_json(tmp_path):
+    """The GPU sweep's plumbing at tiny synthetic sizes on the CPU (the real grid needs a GPU: 8 minutes there)."""
+    result = subprocess.run(["bash", "benchmarks/gpu_sweep.sh", str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**__import__("os").environ, "GPU_SWEEP_SMOKE": "1",
+                                                         "GPU_SWEEP_SEEDS": "2", "GPU_SWEEP_VARIANTS": "fast,ema0.999",
+                                                         "PYTHON": __import__("sys").executable})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in sweep["runs"]] == [("fast", 0), ("ema0.999", 0), ("fast", 1),
+                                                                    ("ema0.999", 1)]
+    accs = [r["best_test_acc"] for r in sweep["runs"] if r["variant"] == "fast"]
+    stats = sweep["variants"]["fast"]["best_test_acc"]
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(np.mean(accs))
+    assert stats["spread"] == pytest.approx(max(accs) - min(accs))
+    assert sweep["variants"]["ema0.999"]["overrides"] == {"ema": 0.999}
+    assert not list(tmp_path.glob("runs/*/*.pt"))  # checkpoints dropped: the sweep keeps numbers
