@@ -92,16 +92,21 @@ def summary_table(summary: dict) -> str:
              ("Final train loss", f"{summary['final_train_loss']:.4f}"),
              ("Final test loss", f"{summary['final_test_loss']:.4f}"),
              ("Average epoch time", f"{summary['mean_epoch_time_s']:.2f} s (training part "
-                                    f"{summary['mean_train_time_s']:.2f} s, {summary['device_name']}; "
-                                    f"{summary['timed_epochs']} epoch(s) without compilation)"),
-             ("First epoch", f"{summary['first_epoch_time_s']:.2f} s, of which compilation and capture "
-                             f"{summary['compile_s']:.1f} s"),
+                                    f"{summary['mean_train_time_s']:.2f} s, {summary['device_name']}"
+                                    + (f"; over the {summary['timed_epochs']} epoch(s) without compilation)"
+                                       if summary["compile_s"] else ")")),
              ("Checkpoints", f"{summary['checkpoints']} saved in {summary['checkpoint_time_s']:.2f} s"),
              ("Total wall time", f"{_seconds(summary['total_wall_s'])} (training {_seconds(summary['train_wall_s'])})")]
+    if summary["compile_s"]:
+        rows.insert(-2, ("First epoch", f"{summary['first_epoch_time_s']:.2f} s, of which compilation and capture "
+                                        f"{summary['compile_s']:.1f} s"))
+    missed = [threshold for threshold, reached in summary["time_to_acc"].items() if not reached]
     for threshold, reached in summary["time_to_acc"].items():
-        rows.append((f"Time to {threshold} test accuracy",
-                     f"epoch {reached['epoch']}, {_seconds(reached['wall_s'])} wall, "
-                     f"{_seconds(reached['train_s'])} training" if reached else "not reached"))
+        if reached:
+            rows.append((f"Time to {threshold} test accuracy", f"epoch {reached['epoch']}, "
+                         f"{_seconds(reached['wall_s'])} wall, {_seconds(reached['train_s'])} training"))
+    if missed:
+        rows.append((f"Time to {'/'.join(m.rstrip('%') for m in missed)}%", "not reached"))
     rows += [("Last checkpoint", summary["last_pt"] or "none saved"), ("Best weights", summary["best_pt"] or "-")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'Metric':<{width}} | Value", f"{'-' * width}-+-{'-' * 40}"]

@@ -132,11 +132,15 @@ class LayerMonitor:
         return self._update_ratio(self._epoch_start).cpu().tolist()
 
     # --- health -----------------------------------------------------------------------------------------
-    def flag_layers(self, norms: list[float]) -> dict[str, list[str]]:
+    def flag_layers(self, norms: list[float], zero_by_design: bool = False) -> dict[str, list[str]]:
+        """zero_by_design: exactly-zero norms are expected (the first step of a zero_init_residual model, whose
+        residual branches get no gradient until their last BatchNorm leaves 0), so they are not "vanishing"."""
         flags = {"vanishing": [], "exploding": [], "nonfinite": []}
         for name, value in zip(self.layer_names, norms):
             if not math.isfinite(value):
                 flags["nonfinite"].append(name)
+            elif value == 0.0 and zero_by_design:
+                continue
             elif value < self.grad_low:
                 flags["vanishing"].append(name)
             elif value > self.grad_high:

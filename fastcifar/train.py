@@ -153,7 +153,7 @@ def _check_finite(s: Session, upto: int, epoch: int) -> None:
 def _take_sample(s: Session, epoch: int, step: int, global_step: int, flags: dict) -> dict:
     sample = s.monitor.read_sample()  # the sample's one sync
     _check_finite(s, step + 1, epoch)
-    found = s.monitor.flag_layers(sample["norm"])
+    found = s.monitor.flag_layers(sample["norm"], zero_by_design=global_step == 0 and s.cfg.zero_init_residual)
     if found["nonfinite"] and not s.res.grad_scaler:  # under fp16 the scaler skips inf steps by design
         raise TrainingDiverged(f"non-finite gradient at epoch {epoch} step {step} (global step {global_step}) in "
                                f"{', '.join(found['nonfinite'][:5])}: training stopped.")

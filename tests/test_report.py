@@ -53,7 +53,7 @@ def fabricate_run(run_dir, *, epochs=6, planned=None, steps_per_epoch=40, sample
                    "grad_epochs": grad_epochs, "grad_low": 1e-7, "grad_high": 1e3},
         "resolved": {"device_name": "cpu", "dataset": dataset, "steps_per_epoch": steps_per_epoch}}))
     total = (planned or epochs) * steps_per_epoch
-    lr_at = lambda s: 1e-3 * 0.5 * (1 + math.cos(math.pi * s / total))  # noqa: E731
+    lr_at = lambda s: 1e-3 * 0.5 * (1 + math.cos(math.pi * s / total))
     metrics, steps, grads, updates = [], [], [], []
     n = len(LAYERS)
     for epoch in range(epochs):
@@ -192,7 +192,40 @@ def test_gradient_flow_states_the_margin_to_the_flag_limits(tmp_path):
     low, high = re.search(r"^no layer flagged; range (\S+)–(\S+) vs limits 1e-7/1e3 \(", text).groups()
     assert float(low) == pytest.approx(min(norms), rel=0.05) and float(high) == pytest.approx(max(norms), rel=0.05)
     flagged = _margin(build_figures(fabricate_run(tmp_path / "bad"))["gradient_flow.png"])
-    assert flagged.startswith("FLAGGED vanishing layer1.0.bn1 (epoch 1); range 1e-10–")
+    assert flagged.startswith("FLAGGED vanishing: layer1.0.bn1 (epoch 1); range 1e-10–")
+    assert re.search(r"\(lowest ×(1000|1e3) BELOW it, ×\S+ below the high one\)$", flagged)
+
+
+def test_gradient_flow_counts_zero_norms_and_keeps_many_flags_short(tmp_path):
+    """zero_init_residual: at the first step every residual branch gets a gradient of exactly 0 and is flagged.
+    A log axis cannot show 0; the margin must not quietly start at the smallest non-zero norm."""
+    run = fabricate_run(tmp_path / "run", flagged=None)
+    branch = [n for n in LAYERS if ".conv" in n or ".bn1" in n]
+    rows = _read_jsonl(run / "grad_flow.jsonl")
+    _write_jsonl(run / "grad_flow.jsonl", [{**r, "norm": 0.0, "rms": 0.0, "mean_abs": 0.0, "max_abs": 0.0}
+                                           if r["step"] == 0 and r["layer"] in branch else r for r in rows])
+    metrics = _read_jsonl(run / "metrics.jsonl")
+    metrics[0]["flags"]["vanishing"] = branch
+    _write_jsonl(run / "metrics.jsonl", metrics)
+    fig = build_figures(run)["gradient_flow.png"]
+    text = _margin(fig)
+    assert text.startswith(f"FLAGGED vanishing: {len(branch)} layers (epoch 0); range 0–")
+    assert f"({len(branch)} norms exactly 0, " in text and len(text) < 130
+    floor = next(line for ax in fig.axes for line in ax.lines if line.get_label() == "a sampled norm was exactly 0")
+    assert sorted(floor.get_xdata()) == [LAYERS.index(n) for n in branch]
+
+
+def test_weight_updates_leave_out_undefined_ratios_of_zero_initialised_layers(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    rows = _read_jsonl(run / "updates.jsonl")  # a layer starting at ||W|| = 0: the monitor divides by ~1e-30
+    _write_jsonl(run / "updates.jsonl", [{**r, "ratio": 1e28} if r["epoch"] == 0 and r["layer"] == "layer1.0.bn2"
+                                         else r for r in rows])
+    fig = build_figures(run)["weight_updates.png"]
+    heat = next(ax for ax in fig.axes if ax.images)
+    assert heat.images[0].norm.vmax < 1e3  # the colour scale is the other layers'
+    assert "white: undefined" in heat.get_xlabel()
+    assert max(_lines(fig)["update:norm"].get_ydata()) < 1e3
+    assert any("left out" in t.get_text() for ax in fig.axes for t in ax.texts)
 
 
 def test_weight_updates_are_normalised_by_the_lr(tmp_path):
