@@ -199,7 +199,8 @@ def test_eval(benchmark, recipe):
 # CUDA, the whole step in one CUDA graph; reduce-overhead: torch.compile's own CUDA graphs of forward and backward,
 # the optimizer and the rest launched from Python (the alternative the trainer's choice is measured against).
 STEP_MODES = {"eager": dict(compile="off", cuda_graphs="off"), "compile": dict(compile="on", cuda_graphs="off"),
-              "compile+graph": dict(compile="on", cuda_graphs="on"), "reduce-overhead": dict(compile="off", cuda_graphs="off")}
+              "compile+graph": dict(compile="on", cuda_graphs="on"),
+              "reduce-overhead": dict(compile="off", cuda_graphs="off")}  # compiled below, in its own mode
 STEP_CONFIGS = [(mode, layout, precision) for layout in ("channels_last", "contiguous")
                 for precision in ("bf16", "fp32") for mode in STEP_MODES]  # the trainer's choice first
 

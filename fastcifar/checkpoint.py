@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import random
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 
 from fastcifar import FastCifarError
 from fastcifar.files import atomic_write
+from fastcifar.optim import load_optimizer_state
 
 
 def save_checkpoint(path: Path, state: dict) -> int:
@@ -93,3 +95,85 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the resume state of a training session --------------------------------------------------------------------
+CHECKPOINT_FORMAT = 2
+
+
+@dataclass
+class Best:
+    """The best epoch so far and its weights (a copy on the device: the epoch may not be saved yet)."""
+
+    epoch: int = -1
+    acc: float = -1.0
+    model: dict | None = None
+    ema: dict | None = None
+
+    @classmethod
+    def of(cls, session, epoch: int, acc: float) -> Best:
+        def clone(state):
+            return {k: v.detach().clone() for k, v in state.items()}
+
+        return cls(epoch, acc, clone(session.model.state_dict()),
+                   clone(session.ema.model.state_dict()) if session.ema else None)
+
+
+@dataclass
+class Timing:
+    """Cumulative over the run's processes, stored in every last.pt. checkpoint_s and checkpoints count the saves
+    completed before the one that stores them."""
+
+    wall_s: float = 0.0  # before this process
+    train_s: float = 0.0
+    compile_s: float = 0.0
+    checkpoint_s: float = 0.0
+    checkpoints: int = 0
+
+
+def resume_state(session, *, epoch: int, best: Best, timing: Timing, config: dict, classes: list[str],
+                 world_size: int) -> dict:
+    """last.pt after `epoch` (0-based) is done. Self-contained: it carries the best epoch's weights when they are
+    not its own, so best.pt can always be rebuilt from it."""
+    best_doc = {"epoch": best.epoch, "acc": best.acc}
+    if best.epoch != epoch:
+        best_doc.update(model=best.model, ema=best.ema)
+    return {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": session.model.state_dict(),
+            "optimizer": session.optimizer.state_dict(), "schedule": session.schedule.state_dict(),
+            "scaler": session.scaler.state_dict(), "ema": session.ema.state_dict() if session.ema else None,
+            "rng": rng_state(), "config": config, "classes": classes, "best": best_doc,
+            "best_acc": best.acc, "best_epoch": best.epoch, "timing": vars(timing),
+            "steps_per_epoch": len(session.train_loader), "world_size": world_size}
+
+
+def best_weights(best: Best, *, headline: str, config: dict, classes: list[str]) -> dict:
+    """best.pt: the weights of the best epoch (and their EMA), what they scored, and the config: what `fastcifar
+    eval`, `--init-from` and the README's three lines load."""
+    return {"format": CHECKPOINT_FORMAT, "kind": "best weights", "epoch": best.epoch, "test_acc": best.acc,
+            "headline": headline, "model": best.model, "ema": best.ema, "config": config, "classes": classes}
+
+
+def restore(session, state: dict, path: Path, world_size: int) -> tuple[int, Best, Timing]:
+    """Load last.pt's state into `session`; returns (epochs done, best, timing). Refuses a checkpoint of another
+    model, or one whose steps do not line up with this run's (another number of processes or batch size): its LR
+    schedule position and data order would silently mean something else."""
+    check_compatible(session.model.state_dict(), state["model"], path)
+    steps, saved_steps = len(session.train_loader), state.get("steps_per_epoch", len(session.train_loader))
+    saved_world = state.get("world_size", world_size)
+    if (steps, world_size) != (saved_steps, saved_world):
+        raise FastCifarError(f"{path} was trained with {saved_world} process(es) and {saved_steps} steps per epoch; "
+                             f"this run has {world_size} and {steps}: resume it as it was started (same number of "
+                             f"processes, same data), or start a new run from its weights with --init-from.")
+    session.model.load_state_dict(state["model"])
+    load_optimizer_state(session.optimizer, state["optimizer"])
+    session.schedule.load_state_dict(state.get("schedule") or {"step": state["scheduler"]["last_epoch"]})  # fmt 1
+    session.scaler.load_state_dict(state["scaler"])
+    if session.ema is not None:
+        session.ema.load_state_dict(state.get("ema") or state["model"])
+    set_rng_state(state["rng"])
+    done = state["epoch"]
+    best = state.get("best") or {"epoch": state.get("best_epoch", -1), "acc": state["best_acc"]}  # format 1
+    own = best["epoch"] == done - 1  # the best epoch is the saved one: its weights are the checkpoint's
+    return done, Best(best["epoch"], best["acc"], best.get("model") or (state["model"] if own else None),
+                      best.get("ema") or ((state.get("ema") or {}).get("model") if own else None)), \
+        Timing(**state.get("timing", {}))

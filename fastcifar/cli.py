@@ -43,7 +43,7 @@ def _auto_or_int(text: str) -> int | None:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--recipe", default="worksheet", choices=sorted(RECIPES),
+    p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="defaults to start from: worksheet = the lab report's table (default); fast = the 15-epoch "
                         "recipe (SGD, batch 512, cutout, flip TTA; see README)")
     g = p.add_argument_group("recipe (defaults: the report's)")
@@ -123,7 +123,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: the run's, else ~/.cache)")
     p.add_argument("--no-download", dest="download", action="store_false", help="fail instead of downloading")
     p.add_argument("--test-subset", type=int, metavar="N", help="seeded class-balanced subset of N test images")
-    p.add_argument("--batch-size", type=int, help="evaluation batch (default: 1000 on CUDA, 128 on the CPU)")
+    p.add_argument("--batch-size", type=int, help="evaluation batch (default: the run's: 1000 on CUDA, its training "
+                                                  "batch on the CPU)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -141,13 +142,14 @@ def add_flops_arguments(p: argparse.ArgumentParser) -> None:
 TRAIN_KEYS = set(TrainConfig.__dataclass_fields__) - {"recipe"}
 
 
-def _resumed_config(run_dir: str, given: dict) -> TrainConfig:
+def _resumed_config(run_dir: str, given: dict, recipe: str | None) -> TrainConfig:
     config_path = Path(run_dir) / "config.json"
     try:
         saved = json.loads(config_path.read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FastCifarError(f"cannot resume from {run_dir}: {config_path} is missing or unreadable ({exc}).") from None
-    changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
+    changed = sorted(k for k, v in {**given, "recipe": recipe or saved.get("recipe")}.items()
+                     if k not in RESUMABLE and saved.get(k) != v)
     if changed:
         raise FastCifarError(f"--resume continues the run as it was configured; these flags differ from its "
                              f"config.json and cannot change: {', '.join('--' + k.replace('_', '-') for k in changed)}")
@@ -164,14 +166,14 @@ def run_train(args: argparse.Namespace) -> int:
     resume = expand_path(args.resume)
     if resume and args.init_from:
         raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
-    cfg = _resumed_config(resume, given) if resume else build_config(args.recipe, **given)
+    cfg = _resumed_config(resume, given, args.recipe) if resume else build_config(args.recipe or "worksheet", **given)
     summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
                   stop_after_epoch=args.stop_after_epoch)
     return summary.get("exit_code", 0) if summary else 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from fastcifar.train import evaluate_checkpoint
+    from fastcifar.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(expand_path(args.checkpoint), tta=args.tta, data_dir=expand_path(args.data_dir),
                                  download=args.download, test_subset=args.test_subset, device=args.device,

@@ -136,8 +136,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be zero or positive, got {cfg.weight_decay}")
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
-    need(0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup-epochs ({cfg.warmup_epochs:g}) must be at least 0 and less than "
-                                              f"--epochs ({cfg.epochs}): pass a shorter --warmup-epochs")
+    need(0 <= cfg.warmup_epochs < cfg.epochs, f"--warmup-epochs ({cfg.warmup_epochs:g}) must be at least 0 and less "
+                                              f"than --epochs ({cfg.epochs}): pass a shorter --warmup-epochs")
     need(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     need(cfg.ema == 0 or 0 < cfg.ema < 1, f"--ema must be 0 (off) or a decay in (0, 1) like 0.999, got {cfg.ema}")
     need(cfg.target_acc is None or 0 < cfg.target_acc <= 1, f"--target-acc must be in (0, 1], got {cfg.target_acc}")
@@ -152,7 +152,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
     for name, value, choices in [("optimizer", cfg.optimizer, OPTIMIZERS), ("scheduler", cfg.scheduler, SCHEDULES),
                                  ("dataset", cfg.dataset, DATASETS), ("loader", cfg.loader, LOADERS),
-                                 ("compile", cfg.compile, AUTO_ON_OFF), ("channels-last", cfg.channels_last, AUTO_ON_OFF),
+                                 ("compile", cfg.compile, AUTO_ON_OFF),
+                                 ("channels-last", cfg.channels_last, AUTO_ON_OFF),
                                  ("amp", cfg.amp, AMP_CHOICES), ("device", cfg.device, DEVICES),
                                  ("cuda-graphs", cfg.cuda_graphs, AUTO_ON_OFF), ("tta", cfg.tta, TTA_MODES),
                                  ("wandb", cfg.wandb, WANDB_MODES), ("progress", cfg.progress, AUTO_ON_OFF)]:

@@ -12,6 +12,7 @@ import textwrap
 from fastcifar import distributed as dist
 
 WIDTH = 120
+DROP_WARNING = 0.10  # warn when the last partial batch drops more than this share of the training set
 
 
 def make_progress(cfg, info: dist.DistInfo, total_images: int, epoch: int):
@@ -23,6 +24,26 @@ def make_progress(cfg, info: dist.DistInfo, total_images: int, epoch: int):
 
     return tqdm(total=total_images, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
                 desc=f"epoch {epoch} [{epoch + 1}/{cfg.epochs}]", file=sys.stderr)
+
+
+def header(cfg, ds, *, run_dir, steps: int, trained_images: int, world_size: int, notices: list[str],
+           resolved: dict, active: str, start: str | None) -> str:
+    """What a run prints before its first epoch: where it writes, what it trains on and how many images an epoch
+    really trains on (the last partial batch is dropped), the whole config and what auto became, the columns."""
+    from fastcifar import __version__
+
+    total = len(ds.train_labels)
+    dropped = total - trained_images
+    lines = [f"fastcifar {__version__} — run directory {run_dir}", f"data: {ds.description}",
+             f"training on {trained_images:,} of {total:,} images per epoch ({steps} steps of {cfg.batch_size}"
+             + (f" x {world_size} processes" if world_size > 1 else "")
+             + (f"; the last {dropped} are dropped: only full batches, so shapes stay static)" if dropped else ")")]
+    if dropped > DROP_WARNING * total:
+        lines.append(f"warning: {dropped / total:.1%} of the training set is dropped every epoch: pick --batch-size "
+                     f"or --train-subset so that one divides the other more closely")
+    lines += [*notices, wrapped("config", cfg.to_dict()), wrapped("resolved", resolved), f"active: {active}"]
+    lines += [start] if start else []
+    return "\n".join([*lines, legend(cfg.tta == "flip")])
 
 
 def wrapped(label: str, items: dict) -> str:
@@ -98,8 +119,8 @@ def summary_table(summary: dict) -> str:
              ("Checkpoints", f"{summary['checkpoints']} saved in {summary['checkpoint_time_s']:.2f} s"),
              ("Total wall time", f"{_seconds(summary['total_wall_s'])} (training {_seconds(summary['train_wall_s'])})")]
     if summary["compile_s"]:
-        rows.insert(-2, ("First epoch", f"{summary['first_epoch_time_s']:.2f} s, of which compilation and capture "
-                                        f"{summary['compile_s']:.1f} s"))
+        rows.insert(-2, ("Compilation and capture", f"{summary['compile_s']:.1f} s in all (first epoch "
+                                                    f"{summary['first_epoch_time_s']:.2f} s with it)"))
     missed = [threshold for threshold, reached in summary["time_to_acc"].items() if not reached]
     for threshold, reached in summary["time_to_acc"].items():
         if reached:

@@ -2,9 +2,9 @@
 per-step loss/accuracy bookkeeping, replayed with one launch per step.
 
 Why an explicit torch.cuda.CUDAGraph around the step rather than torch.compile(mode="reduce-overhead"): the
-latter graphs the model's forward and backward only; the optimizer (~60 fused-kernel launches for Adam's
-parameter lists), the LR schedule, the EMA and the bookkeeping would still be launched from Python every step,
-and at batch 128 a ResNet-18 step is ~1-1.5 ms of H100 work, about what the host needs to launch ~250 kernels.
+latter graphs the model's forward and backward only; the optimizer, the LR schedule, the EMA and the bookkeeping
+would still be launched from Python every step. By estimate, not yet by measurement: at batch 128 a ResNet-18
+step is 0.43 TFLOP, ~1-1.5 ms of H100 work, about what the host needs to launch the eager step's ~250 kernels.
 Capturing the whole step makes the host's cost one copy of the batch into the static input buffers and one
 graph launch. The compiled model (torch.compile default mode: Triton kernels, no graphs of its own) is captured
 like any other CUDA work. Measured comparison on a GPU: benchmarks/bench_train.py::test_step (modes
@@ -26,12 +26,11 @@ What capture needs, and how it is met:
 - GradScaler (fp16) needs host decisions and DDP needs its own capture protocol: the trainer turns graphs off
   for both (config.resolve), with a notice.
 
-If capture fails for any reason, one notice is printed and the step runs uncaptured from then on: never a crash.
+If capture raises, one notice is printed and the step runs uncaptured from then on.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
@@ -65,7 +64,7 @@ class GraphedStep:
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.static_images = self.static_labels = None
         self.failed: str | None = None
-        self.capture_s = 0.0
+        self.side_stream = None  # one stream for the warm-up steps: memory freed on it stays usable
 
     @property
     def ready(self) -> bool:
@@ -96,7 +95,9 @@ class GraphedStep:
             self.step(images, labels, monitored)
 
     def _warmup(self, images, labels, monitored: bool) -> None:
-        side = torch.cuda.Stream()
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream()
+        side = self.side_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.zero_grad()
@@ -105,7 +106,6 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
 
     def _capture(self, images, labels) -> bool:
-        start = time.perf_counter()
         try:
             self.static_images = images.clone()  # clone keeps the memory format (channels_last)
             self.static_labels = labels.clone()
@@ -124,5 +124,4 @@ class GraphedStep:
             return False
         finally:
             torch.cuda.synchronize()
-            self.capture_s = time.perf_counter() - start
         return True

@@ -16,6 +16,17 @@ from pathlib import Path
 
 from fastcifar import FastCifarError
 
+_UMASK = 0o022
+
+
+def refresh_umask() -> None:
+    """Read the process umask (only possible by setting it) while no other thread can create files."""
+    global _UMASK
+    _UMASK = os.umask(0o022)
+    os.umask(_UMASK)
+
+
+refresh_umask()
 _TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names look like
 
 
@@ -39,9 +50,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0o022)  # mkstemp makes 0600; read the umask (only by setting it) and put it back
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: give it the mode any other file of the run gets
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

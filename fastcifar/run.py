@@ -17,7 +17,6 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,12 +25,12 @@ import torch
 from fastcifar import FastCifarError, TrainingDiverged, __version__
 from fastcifar import distributed as dist
 from fastcifar import flops
-from fastcifar.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastcifar.checkpoint import (Best, Timing, best_weights, check_compatible, load_checkpoint, restore,
+                                  resume_state, save_checkpoint)
 from fastcifar.config import TrainConfig, resolve
-from fastcifar.console import epoch_line, legend, make_progress, summary_table, wrapped
+from fastcifar.console import epoch_line, header, make_progress, summary_table
 from fastcifar.data.cifar import load_dataset
-from fastcifar.files import NoSpace, remove_stale_temp_files
-from fastcifar.optim import load_optimizer_state
+from fastcifar.files import NoSpace, refresh_umask, remove_stale_temp_files
 from fastcifar.signals import GracefulStop, RunInterrupted
 from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, summarise
 from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
@@ -39,9 +38,7 @@ from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, d
 if TYPE_CHECKING:
     from fastcifar.train import Session
 
-CHECKPOINT_FORMAT = 2
 SAVE_SHARE = 0.05  # --save-every auto on CUDA: saving may cost at most this share of the training time
-DROP_WARNING = 0.10  # warn when the last partial batch drops more than this share of the training set
 
 
 class EpochClock:
@@ -57,29 +54,6 @@ class EpochClock:
         self._sync()
         now = time.perf_counter()
         self.laps[name], self._last = now - self._last, now
-
-
-@dataclass
-class Best:
-    epoch: int = -1
-    acc: float = -1.0
-    model: dict | None = None  # a device copy of the weights of the best epoch
-    ema: dict | None = None
-
-
-@dataclass
-class Timing:
-    """Cumulative over the run's processes (stored in every checkpoint)."""
-
-    wall_s: float = 0.0  # before this process
-    train_s: float = 0.0
-    compile_s: float = 0.0
-    checkpoint_s: float = 0.0  # of the saves completed before the latest
-    checkpoints: int = 0
-
-
-def _clone(state: dict) -> dict:
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 class TrainingRun:
@@ -106,12 +80,12 @@ class TrainingRun:
         path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
         run = cls(cfg, info, dist.broadcast_object(path, info), stop_after_epoch)
         run.res = resolve(cfg, info.local_rank, info.world_size)
+        refresh_umask()  # read once, here, before any other thread (W&B, loader workers) exists
         try:
             if resume_dir is not None:
-                run._open_resume()  # takes the lock: a resume must not read what a live run is writing
-            elif info.is_main and run.dir.holds_run():
-                raise FastCifarError(f"{path} already holds a run ({', '.join(run.dir.holds_run())}): continue it "
-                                     f"with `fastcifar train --resume {path}`, or choose another --run-dir.")
+                run._open_resume()
+            else:
+                run._on_main(run._refuse_a_used_directory)
             if init_from:
                 run.init_state = load_checkpoint(Path(init_from))
             run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
@@ -121,6 +95,26 @@ class TrainingRun:
             run.dir.unlock()
             raise
         return run
+
+    def _on_main(self, action) -> None:
+        """Run `action` on rank 0; a FastCifarError there stops every rank with its message (the others would
+        otherwise wait forever in the next collective)."""
+        error = None
+        if self.info.is_main:
+            try:
+                action()
+            except FastCifarError as exc:
+                error = exc
+        message = dist.broadcast_object(str(error) if error is not None else None, self.info)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise FastCifarError(message)
+
+    def _refuse_a_used_directory(self) -> None:
+        if self.dir.holds_run():
+            raise FastCifarError(f"{self.dir.path} already holds a run ({', '.join(self.dir.holds_run())}): continue "
+                                 f"it with `fastcifar train --resume {self.dir.path}`, or choose another --run-dir.")
 
     def _open_resume(self) -> None:
         last = self.dir.file("last.pt")
@@ -138,8 +132,9 @@ class TrainingRun:
         if done >= self.cfg.epochs:
             raise FastCifarError(f"{self.dir.path} already finished all {done} epochs: nothing to resume (pass "
                                  f"--epochs N with N > {done} to train it further).")
-        if self.info.is_main:
-            self.dir.lock()
+        # Read before locking, so that refusing a finished run changes nothing on disk; saves are atomic renames, so
+        # what was read is a whole checkpoint even if another process holds the directory (the lock then says so).
+        self._on_main(self.dir.lock)
 
     def _intact_best(self) -> Path | None:
         try:
@@ -171,8 +166,8 @@ class TrainingRun:
             ("compile", res.compile), ("cuda-graphs", res.cuda_graphs), ("channels_last", res.channels_last),
             (res.precision, True), (res.loader, True), (f"ddp x{self.info.world_size}", self.info.enabled),
             (f"ema {self.cfg.ema}", bool(self.cfg.ema)), ("tta flip", self.cfg.tta == "flip")] if on)
+        self._on_main(lambda: self._prepare_directory(s))
         if self.info.is_main:
-            self._prepare_directory(s)
             self._header(s)
             previous = self.dir.read_json("config.json") if self.resume_state else {}
             self.tracker = WandbTracker(self.cfg.wandb, self.cfg.wandb_project, self.dir.path,
@@ -190,22 +185,9 @@ class TrainingRun:
 
     def _restore(self, s: Session) -> None:
         if self.resume_state is not None:
-            st = self.resume_state
-            check_compatible(s.model.state_dict(), st["model"], self.dir.file("last.pt"))
-            s.model.load_state_dict(st["model"])
-            load_optimizer_state(s.optimizer, st["optimizer"])
-            s.schedule.load_state_dict(st.get("schedule") or {"step": st["scheduler"]["last_epoch"]})  # format 1
-            s.scaler.load_state_dict(st["scaler"])
-            if s.ema is not None:
-                s.ema.model.load_state_dict(st.get("ema") or st["model"])
-            set_rng_state(st["rng"])
-            self.start_epoch = st["epoch"]
+            self.start_epoch, self.best, self.timing = restore(s, self.resume_state, self.dir.file("last.pt"),
+                                                               self.info.world_size)
             self.saved_through = self.last_finished = self.start_epoch - 1
-            best = st.get("best") or {"epoch": st.get("best_epoch", -1), "acc": st["best_acc"]}  # format 1
-            is_last = best["epoch"] == self.saved_through
-            self.best = Best(best["epoch"], best["acc"], best.get("model") or (st["model"] if is_last else None),
-                             best.get("ema") or (st.get("ema") if is_last else None))
-            self.timing = Timing(**st.get("timing", {}))
         elif self.init_state is not None:
             check_compatible(s.model.state_dict(), self.init_state["model"], Path(self.cfg.init_from))
             s.model.load_state_dict(self.init_state["model"])
@@ -276,28 +258,16 @@ class TrainingRun:
         self.best_written = self.best.epoch
 
     def _header(self, s: Session) -> None:
-        cfg, ds = self.cfg, self.dataset
-        print(f"fastcifar {__version__} — run directory {self.dir.path}")
-        print(f"data: {ds.description}")
-        dropped = len(ds.train_labels) - self.trained_images
-        print(f"training on {self.trained_images:,} of {len(ds.train_labels):,} images per epoch "
-              f"({len(s.train_loader)} steps of {cfg.batch_size}" + (f" x {self.info.world_size} processes" if
-                                                                     self.info.enabled else "") +
-              (f"; the last {dropped} are dropped: only full batches, so shapes stay static)" if dropped else ")"))
-        if dropped > DROP_WARNING * len(ds.train_labels):
-            print(f"warning: {dropped / len(ds.train_labels):.1%} of the training set is dropped every epoch: pick "
-                  f"--batch-size or --train-subset so that one divides the other more closely")
-        for notice in self.res.notices:
-            print(notice)
-        print(wrapped("config", cfg.to_dict()))
-        print(wrapped("resolved", self.resolved))
-        print(f"active: {self.res.device.type} {self.active}")
         if self.resume_state is not None:
-            print(f"resuming at epoch {self.start_epoch} ({self.start_epoch} of {cfg.epochs} done; best test acc so "
-                  f"far {100 * self.best.acc:.2f}%)")
+            start = (f"resuming at epoch {self.start_epoch} ({self.start_epoch} of {self.cfg.epochs} done; best test "
+                     f"acc so far {100 * self.best.acc:.2f}%)")
         elif self.init_state is not None:
-            print(f"starting from the weights of {cfg.init_from} (optimizer, schedule and epochs start afresh)")
-        print(legend(cfg.tta == "flip"))
+            start = f"starting from the weights of {self.cfg.init_from} (optimizer, schedule and epochs start afresh)"
+        else:
+            start = None
+        print(header(self.cfg, self.dataset, run_dir=self.dir.path, steps=len(s.train_loader),
+                     trained_images=self.trained_images, world_size=self.info.world_size, notices=self.res.notices,
+                     resolved=self.resolved, active=f"{self.res.device.type} {self.active}", start=start))
 
     def notice(self, text: str) -> None:
         if self.info.is_main:
@@ -351,8 +321,7 @@ class TrainingRun:
         acc = headline(cfg.tta, row)
         row["first_reached"] = newly_reached(acc, self.best.acc, ACCURACY_MILESTONES)
         if acc > self.best.acc:
-            self.best = Best(epoch, acc, _clone(s.model.state_dict()),
-                             _clone(s.ema.model.state_dict()) if s.ema else None)
+            self.best = Best.of(s, epoch, acc)
         signalled = dist.any_rank(self.stop.signum is not None, self.info, self.res.device)
         target = cfg.target_acc is not None and acc >= cfg.target_acc
         if target:
@@ -361,8 +330,9 @@ class TrainingRun:
         due = stop or epoch == self.loop_end - 1 or self._save_due(epoch)
         if self.info.is_main:
             self._record(s, epoch, row, train)
-            if due:
+            if due:  # timed after the row is written (the row is the epoch's record; a crash between is safe)
                 row["checkpoint_time_s"] = self._save(s, epoch)
+                self.tracker.log({"epoch": epoch, "time/checkpoint_s": row["checkpoint_time_s"]})
             print(epoch_line(cfg, row), flush=True)
         dist.barrier(self.info)
         if signalled:
@@ -373,6 +343,7 @@ class TrainingRun:
         """Monitor rows and per-step losses first, the epoch's row last: a crash in between leaves rows that a
         resume truncates, never an epoch row without its details."""
         steps = len(s.train_loader)
+        lrs = s.schedule.lr_at(range(epoch * steps, (epoch + 1) * steps))
         grad_rms = None
         if s.monitor is not None:
             for sample in train["samples"]:
@@ -384,10 +355,9 @@ class TrainingRun:
             if train["samples"]:
                 grad_rms = [statistics.fmean(sample["norm"][i] / math.sqrt(n) for sample in train["samples"])
                             for i, n in enumerate(s.monitor.layer_numel)]
-            epoch_lr = statistics.fmean(s.schedule.lr_at(range(epoch * steps, (epoch + 1) * steps)))
+            epoch_lr = statistics.fmean(lrs)
             self.sink.layer_epoch(epoch, s.monitor.rows("update", {"ratio": train["update_ratio_epoch"]}, scope="epoch",
                                                         epoch=epoch, step=(epoch + 1) * steps, lr=epoch_lr), grad_rms)
-        lrs = s.schedule.lr_at(range(epoch * steps, (epoch + 1) * steps))
         self.sink.steps([{"epoch": epoch, "step": epoch * steps + i, "loss": loss, "lr": lr}
                          for i, (loss, lr) in enumerate(zip(train["step_losses"], lrs))])
         self.sink.epoch(row)
@@ -399,27 +369,17 @@ class TrainingRun:
             return True
         return self.last_save_s <= SAVE_SHARE * self.trained_since_save
 
-    def _state(self, s: Session, epoch: int) -> dict:
-        best = {"epoch": self.best.epoch, "acc": self.best.acc}
-        if self.best.epoch != epoch:  # last.pt is self-contained: it can always rebuild best.pt
-            best.update(model=self.best.model, ema=self.best.ema)
-        return {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": s.model.state_dict(),
-                "optimizer": s.optimizer.state_dict(), "schedule": s.schedule.state_dict(),
-                "scaler": s.scaler.state_dict(), "ema": s.ema.model.state_dict() if s.ema else None,
-                "rng": rng_state(), "config": self.cfg.to_dict(), "classes": list(self.dataset.classes),
-                "best": best, "best_acc": self.best.acc, "best_epoch": self.best.epoch,
-                "timing": {**vars(self.timing), "wall_s": self._wall()}}
-
     def _write_best(self) -> None:
-        save_checkpoint(self.dir.file("best.pt"), {
-            "format": CHECKPOINT_FORMAT, "kind": "best weights", "epoch": self.best.epoch,
-            "test_acc": self.best.acc, "headline": "flip TTA" if self.cfg.tta == "flip" else "no TTA",
-            "model": self.best.model, "ema": self.best.ema, "config": self.cfg.to_dict(),
-            "classes": list(self.dataset.classes)})
+        save_checkpoint(self.dir.file("best.pt"), best_weights(
+            self.best, headline="flip TTA" if self.cfg.tta == "flip" else "no TTA", config=self.cfg.to_dict(),
+            classes=list(self.dataset.classes)))
 
     def _save(self, s: Session, epoch: int) -> float:
         start = time.perf_counter()
-        save_checkpoint(self.dir.file("last.pt"), self._state(s, epoch))
+        timing = Timing(**{**vars(self.timing), "wall_s": self._wall()})
+        save_checkpoint(self.dir.file("last.pt"), resume_state(
+            s, epoch=epoch, best=self.best, timing=timing, config=self.cfg.to_dict(),
+            classes=list(self.dataset.classes), world_size=self.info.world_size))
         self.saved_through = epoch
         if self.best.epoch != self.best_written:
             self._write_best()
@@ -450,7 +410,8 @@ class TrainingRun:
             print(f"target test accuracy {100 * self.cfg.target_acc:g}% reached at epoch {self.target_epoch}: "
                   f"stopped")
         if self.stopped_by:
-            print(f"stopped by {self.stopped_by}: epochs 0-{self.saved_through} are saved in {self.dir.file('last.pt')}")
+            print(f"stopped by {self.stopped_by}: epochs 0-{self.saved_through} are saved in "
+                  f"{self.dir.file('last.pt')}")
         if not finished and self.saved_through >= 0:
             print(f"continue with: fastcifar train --resume {self.dir.path}")
         if self.cfg.report:

@@ -226,6 +226,7 @@ class WandbTracker:
         for key in EPOCH_KEYS.values():
             summary = {"summary": SUMMARIES[key]} if key in SUMMARIES else {}
             self.run.define_metric(key, step_metric="epoch", **summary)
+        self.run.define_metric("time/checkpoint_s", step_metric="epoch")
         for prefix in ("grad/*", "update/*"):
             self.run.define_metric(prefix, step_metric="step")
 

@@ -56,7 +56,7 @@ class Session:
     step_index: torch.Tensor  # () the step of the epoch, on the device: where the step writes
     stepper: EagerStep | GraphedStep | None = None
     stop_requested: Callable[[], bool] = lambda: False  # set by the run: a signal asked to stop at a step boundary
-    eval_compiled: bool = field(default=False)
+    eval_warmed: bool = field(default=False)  # evaluated once: a compiled eval model has compiled
 
     def autocast(self):
         return autocast(self.res)
@@ -142,19 +142,21 @@ def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, monitored
 
 
 def _check_finite(s: Session, upto: int, epoch: int) -> None:
-    """One sync: raise if any of the first `upto` step losses of this epoch is NaN/Inf, naming the step."""
+    """One sync: raise if any of the first `upto` step losses of this epoch is NaN/Inf, naming the step. Under DDP
+    every rank raises when any one does (each sees only its own losses; the others would wait forever)."""
     bad = (~torch.isfinite(s.step_losses[:upto])).nonzero()
-    if len(bad):
-        step = int(bad[0])
-        raise TrainingDiverged(f"non-finite training loss at epoch {epoch} step {step} (global step "
-                               f"{epoch * len(s.train_loader) + step}): training stopped.")
+    if dist.any_rank(len(bad) > 0, s.info, s.res.device):
+        where = (f"epoch {epoch} step {int(bad[0])} (global step {epoch * len(s.train_loader) + int(bad[0])})"
+                 if len(bad) else f"epoch {epoch} on another process")
+        raise TrainingDiverged(f"non-finite training loss at {where}: training stopped.")
 
 
 def _take_sample(s: Session, epoch: int, step: int, global_step: int, flags: dict) -> dict:
     sample = s.monitor.read_sample()  # the sample's one sync
     _check_finite(s, step + 1, epoch)
     found = s.monitor.flag_layers(sample["norm"], zero_by_design=global_step == 0 and s.cfg.zero_init_residual)
-    if found["nonfinite"] and not s.res.grad_scaler:  # under fp16 the scaler skips inf steps by design
+    # under fp16 the scaler skips inf steps by design; the gradients are all-reduced, so every rank agrees
+    if found["nonfinite"] and not s.res.grad_scaler:
         raise TrainingDiverged(f"non-finite gradient at epoch {epoch} step {step} (global step {global_step}) in "
                                f"{', '.join(found['nonfinite'][:5])}: training stopped.")
     for kind in flags:
@@ -191,6 +193,9 @@ def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
         if s.stop_requested():
             return None
 
+    if warming:  # an epoch shorter than the warm-up: all of it was warm-up
+        s.sync()
+        compile_s = time.perf_counter() - warm_start
     _check_finite(s, steps, epoch)
     totals = torch.stack([s.step_losses.sum() * loader.batch_size, s.step_correct.sum().to(s.step_losses.dtype)])
     totals = dist.all_reduce_sum(totals, s.info).tolist()
@@ -212,8 +217,8 @@ def evaluate(s: Session) -> dict:
     """Loss and accuracy over the test set (the EMA weights with --ema), with flip TTA too when --tta flip.
     The first call of a compiled model is timed apart as compile_s."""
     result = evaluate_model(s.eval_model, s.eval_loader, s.res, s.cfg.tta, s.info,
-                            time_first_batch=s.res.compile and not s.eval_compiled)
-    s.eval_compiled = True
+                            time_first_batch=s.res.compile and not s.eval_warmed)
+    s.eval_warmed = True
     return result
 
 
@@ -251,38 +256,6 @@ def evaluate_model(model, loader: EvalLoader, res: Resolved, tta: str, info: dis
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def evaluate_checkpoint(path, *, tta: str = "off", data_dir=None, download: bool = True, test_subset=None,
-                        device: str = "auto", batch_size: int | None = None) -> dict:
-    """`fastcifar eval`: a checkpoint's weights (its EMA weights when it has them) on the test set it was trained
-    for (CIFAR-10, or the same synthetic set)."""
-    from pathlib import Path
-
-    from fastcifar.checkpoint import check_compatible, load_checkpoint
-    from fastcifar.config import build_config, resolve
-    from fastcifar.data.cifar import load_dataset
-
-    state = load_checkpoint(Path(path))
-    saved = {k: v for k, v in (state.get("config") or {}).items() if k in TrainConfig.__dataclass_fields__}
-    cfg = build_config(saved.pop("recipe", "worksheet"), **{
-        **saved, "data_dir": data_dir or saved.get("data_dir"), "download": download, "test_subset": test_subset,
-        "device": device, "eval_batch_size": batch_size, "tta": tta, "compile": "off", "cuda_graphs": "off",
-        "wandb": "off", "init_from": None, "run_dir": None})
-    res = resolve(cfg)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, None, cfg.test_subset, cfg.synthetic_size, cfg.seed)
-    weights = state.get("ema") or state["model"]
-    model = resnet18_cifar(num_classes=len(ds.classes))
-    check_compatible(model.state_dict(), weights, Path(path))
-    model.load_state_dict(weights)
-    model.to(res.device, memory_format=torch.channels_last if res.channels_last else torch.contiguous_format)
-    loader = make_eval_loader(res.loader, ds.test_images, ds.test_labels, min(res.eval_batch_size, len(ds.test_labels)),
-                              res.device, res.amp_dtype or torch.float32, res.channels_last)
-    result = evaluate_model(model, loader, res, tta, dist.DistInfo())
-    result.pop("compile_s")
-    epoch = state["epoch"] if state.get("kind") == "best weights" else state.get("epoch", 0) - 1
-    return {"checkpoint": str(path), "weights": "EMA weights" if state.get("ema") else "weights", "epoch": epoch,
-            "dataset": ds.description, "test_images": len(ds.test_labels), **result}
 
 
 def fit(cfg: TrainConfig, *, resume_dir=None, init_from=None, stop_after_epoch: int | None = None,

@@ -240,6 +240,21 @@ def test_a_checkpoint_of_another_model_says_what_differs(tmp_path, capsys):
         assert not (tmp_path / f"new-{name}").exists()  # checked before anything was created
 
 
+def test_a_checkpoint_of_another_batch_layout_is_not_resumed(tmp_path, capsys):
+    """A run resumed with another number of processes (or data) would land elsewhere in its LR schedule."""
+    run = tmp_path / "r"
+    fit(build_config(**dict(TINY, epochs=2), run_dir=str(run)), stop_after_epoch=1)
+    state = torch.load(run / "last.pt", weights_only=False)
+    state["world_size"], state["steps_per_epoch"] = 2, 2  # as if saved by `torchrun --nproc_per_node 2`
+    torch.save(state, run / "last.pt")
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--progress", "off"]) == 1
+    err = capsys.readouterr().err
+    assert "was trained with 2 process(es) and 2 steps per epoch; this run has 1 and 4" in err, err
+    unchanged = lambda snap: {k: v for k, v in snap.items() if k != ".lock"}  # noqa: E731
+    assert unchanged(snapshot(run)) == unchanged(before)
+
+
 def test_resume_removes_stale_temp_files_and_repairs_best_pt(tmp_path, capsys):
     run = tmp_path / "r"
     fit(build_config(**dict(TINY, epochs=3), run_dir=str(run)), stop_after_epoch=2)

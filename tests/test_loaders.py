@@ -281,6 +281,17 @@ def test_shards_partition_the_epoch(kind):
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(256))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_uneven_shards_take_the_same_number_of_steps_on_every_rank(kind):
+    """65 images on 2 ranks: shards of 33 and 32; at batch 11 both must take 2 steps, or DDP would hang."""
+    images, labels = random_set(65)
+    counts = []
+    for rank in range(2):
+        loader = train_loader(kind, images, labels, 11, seed=7, rank=rank, world_size=2)
+        counts.append((len(loader), sum(1 for _ in loader)))
+    assert counts == [(2, 2), (2, 2)]
+
+
 def _epoch(loader, epoch):
     loader.set_epoch(epoch)
     return [(images.clone(), labels.clone()) for images, labels in loader]

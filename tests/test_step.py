@@ -184,6 +184,32 @@ def test_a_failed_capture_prints_one_notice_and_trains_uncaptured(monkeypatch):
     assert_same_weights(s.model.state_dict(), reference.model.state_dict())
 
 
+def test_a_capture_failing_after_the_first_graph_drops_both_and_trains_uncaptured(monkeypatch):
+    """The monitored graph fails after the plain one was captured: neither is kept, one notice."""
+    import contextlib
+
+    captures = []
+
+    @contextlib.contextmanager
+    def graph(g):
+        captures.append(g)
+        if len(captures) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    notices = []
+    s = session()
+    step = functools.partial(s.stepper.step.func, s)
+    s.stepper = GraphedStep(step, functools.partial(s.optimizer.zero_grad, set_to_none=True), (False, True),
+                            notices.append, warmup_steps=0)
+    run_steps(s, batches(s, 2))
+    assert len(captures) == 2 and len(notices) == 1 and not s.stepper.graphs and not s.stepper.captured
+    assert s.stepper.ready and s.stepper.static_images is None
+
+
 @cuda
 def test_captured_step_matches_the_uncaptured_one_after_50_steps():
     """bf16 + compile + the whole step in one CUDA graph (the monitored variant on each chunk's first step),

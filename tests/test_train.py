@@ -88,6 +88,8 @@ def test_resume_refuses_changed_recipe_and_finished_runs(tmp_path, capsys):
     assert "already finished all 1 epochs" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "missing")]) == 1
     assert "cannot resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "r"), "--recipe", "fast"]) == 1
+    assert "cannot change: --recipe" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -30,6 +30,7 @@ class AugmentSpec:
     cutout: int = 0  # side of the cutout square; 0 = none
 
 
+DEFAULT_AUGMENT = AugmentSpec()  # the report's crop + flip
 AUGMENT_HELP = ("comma-separated: crop (RandomCrop 32, padding 4), crop=P (padding P), flip (horizontal, p=0.5), "
                 "cutout=N (an N x N square of mean colour), or none")
 

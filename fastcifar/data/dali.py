@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from fastcifar.data.augment import CIFAR_MEAN, CIFAR_STD, SIZE, AugmentSpec
-from fastcifar.data.plan import EpochPlan, PlannedTrainLoader, eval_batches
+from fastcifar.data.augment import CIFAR_MEAN, CIFAR_STD, DEFAULT_AUGMENT, SIZE, AugmentSpec
+from fastcifar.data.plan import EpochPlan, PlannedTrainLoader, eval_batches, eval_shard
 
 # crop_mirror_normalize supports FLOAT, FLOAT16, INT8 and UINT8 outputs (DALI 2.4 has no BFLOAT16 type at all):
 # for bfloat16 DALI outputs float32 and torch casts it (one extra elementwise kernel on the device).
@@ -140,7 +140,7 @@ class DaliTrainLoader(PlannedTrainLoader):
     name = "dali"
 
     def __init__(self, images, labels, *, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1, augment: AugmentSpec = AugmentSpec()):
+                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT):
         super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):
@@ -181,8 +181,7 @@ class DaliEvalLoader:
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, rank=0,
                  world_size=1):
-        images = np.ascontiguousarray(np.asarray(images, dtype=np.uint8)[rank::world_size])
-        labels = np.asarray(labels, dtype=np.int64)[rank::world_size]
+        images, labels = eval_shard(images, labels, rank, world_size)
         self.runner = _DaliRunner(device, batch_size, dtype, channels_last, None)
         self.device = self.runner.device
         self.num_images = len(labels)

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from fastcifar import FastCifarError
-from fastcifar.data.augment import (CIFAR_MEAN, CIFAR_STD, SIZE, AugmentSpec, Normalizer, crop_flip, cutout_mask,
-                                    pad_images)
-from fastcifar.data.plan import IGNORE_LABEL, EpochPlan, PlannedTrainLoader, eval_batches, to_nchw_tensor
+from fastcifar.data.augment import (CIFAR_MEAN, CIFAR_STD, DEFAULT_AUGMENT, SIZE, AugmentSpec, Normalizer, crop_flip,
+                                    cutout_mask, pad_images)
+from fastcifar.data.plan import IGNORE_LABEL, EpochPlan, PlannedTrainLoader, eval_batches, eval_shard, to_nchw_tensor
 
 __all__ = ["IGNORE_LABEL", "LOADER_KINDS", "TorchEvalLoader", "TorchTrainLoader", "TorchvisionTrainLoader",
            "make_eval_loader", "make_train_loader", "resolve_loader", "to_nchw_tensor"]
@@ -30,7 +30,7 @@ class TorchTrainLoader(PlannedTrainLoader):
     name = "torch"
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1, augment: AugmentSpec = AugmentSpec()):
+                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT):
         super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
         self.device = torch.device(device)
         self.padded = pad_images(to_nchw_tensor(images, self.device), augment.pad)
@@ -84,7 +84,7 @@ class TorchvisionTrainLoader(PlannedTrainLoader):
     name = "torchvision"
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1, augment: AugmentSpec = AugmentSpec(), num_workers=2):
+                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT, num_workers=2):
         super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
         self.dataset = _PlannedPILDataset(images, labels, augment)
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
@@ -92,7 +92,8 @@ class TorchvisionTrainLoader(PlannedTrainLoader):
 
     def _batches(self, plan: EpochPlan):
         boxes = plan.boxes if plan.boxes is not None else np.zeros((len(plan.order), 4), dtype=np.int64)
-        items = np.column_stack([plan.order, plan.offset_y, plan.offset_x, plan.flip, boxes]).tolist()
+        items = np.column_stack([plan.order, plan.offset_y, plan.offset_x, plan.flip, boxes])
+        items = items[:len(self) * self.batch_size].tolist()  # every DDP rank takes len(self) steps
         # The workers draw nothing, but DataLoader seeds them from a generator: give it one, so the caller's
         # global RNG is left untouched.
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=items, drop_last=True,
@@ -110,7 +111,7 @@ class TorchEvalLoader:
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, rank=0,
                  world_size=1):
         self.device = torch.device(device)
-        images, labels = images[rank::world_size], np.asarray(labels, dtype=np.int64)[rank::world_size]
+        images, labels = eval_shard(images, labels, rank, world_size)
         self.num_images = len(labels)
         self.images = to_nchw_tensor(images, self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
@@ -150,7 +151,7 @@ def resolve_loader(kind: str, device: torch.device) -> tuple[str, str | None]:
 
 
 def make_train_loader(kind, images, labels, batch_size, device, dtype=torch.float32, channels_last=False,
-                      seed=0, rank=0, world_size=1, num_workers=2, augment: AugmentSpec = AugmentSpec()):
+                      seed=0, rank=0, world_size=1, num_workers=2, augment: AugmentSpec = DEFAULT_AUGMENT):
     common = dict(batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last, seed=seed,
                   rank=rank, world_size=world_size, augment=augment)
     if kind == "dali":

@@ -25,8 +25,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def shard_size(n: int, rank: int, world_size: int) -> int:
-    return len(range(rank, n, world_size))
+def eval_shard(images: np.ndarray, labels, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's part of the test set: every world_size-th image from `rank` (the shards may differ by one image;
+    evaluation is summed over ranks only at the end, so that is fine)."""
+    return (np.ascontiguousarray(np.asarray(images, dtype=np.uint8)[rank::world_size]),
+            np.asarray(labels, dtype=np.int64)[rank::world_size])
 
 
 def to_nchw_tensor(images_nhwc: np.ndarray, device) -> torch.Tensor:
