@@ -87,6 +87,12 @@ def _skip_on_cpu(*what: str) -> None:
             pytest.skip(CPU_SKIPS[item])
 
 
+def _skip_untimed_on_cpu(benchmark, why: str) -> None:
+    """Plain `pytest` runs each benchmark once as a smoke test; on the CPU the costliest are timed runs only."""
+    if not CUDA and benchmark.disabled:
+        pytest.skip(f"{why}: on the CPU only with --benchmark-only (a plain test run keeps the cheaper ones)")
+
+
 _SESSIONS: dict = {}
 
 
@@ -138,6 +144,8 @@ def test_epoch(benchmark, batch_size, loader):
     """One training epoch end to end: loader + forward + loss + backward + optimizer + schedule + monitor
     samples (on, at the default 4 per epoch, as `fastcifar train` runs). No evaluation."""
     _skip_on_cpu(loader)
+    if batch_size == 512:
+        _skip_untimed_on_cpu(benchmark, "one 512-image step takes ~10 s here")
     benchmark.group = "epoch (train_one_epoch)"
     s, counter = session(RECIPE_OF_BATCH[batch_size], loader=loader)
     run, _ = _epoch_run(benchmark, s, counter, ROUNDS)
@@ -156,6 +164,7 @@ _MONITOR_SECONDS: dict[str, tuple[float, float]] = {}  # "off"/"on" -> (median, 
 @pytest.mark.parametrize("monitor", ["off", "on"])  # off first: "on" reports its overhead against it
 def test_monitoring(benchmark, monitor):
     """The worksheet epoch with cfg.monitor False vs True (default sampling: grad_every=None, ~4 per epoch)."""
+    _skip_untimed_on_cpu(benchmark, "two epochs of the worksheet session; the monitor is tested in tests/")
     benchmark.group = "monitoring overhead (worksheet epoch)"
     base, counter = session("worksheet", loader="torch")
     # What build_session makes with cfg.monitor=False differs only in having no monitor and (with CUDA graphs)

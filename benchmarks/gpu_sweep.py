@@ -32,7 +32,7 @@ VARIANTS: dict[str, dict] = {
     "batch256": {"batch_size": 256, "lr": 0.1},  # twice the steps per epoch, the same LR per image
     "adamw": {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 5e-2},  # Adam learnt faster on the CPU subset
 }
-SMOKE = {"dataset": "synthetic", "synthetic_size": 64, "batch_size": 16, "epochs": 2, "warmup_epochs": 0.5}
+SMOKE = {"dataset": "synthetic", "synthetic_size": 32, "batch_size": 16, "epochs": 2, "warmup_epochs": 0.5}
 
 
 def schedule(names: list[str], seeds: int) -> list[tuple[str, int]]:

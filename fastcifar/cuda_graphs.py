@@ -12,8 +12,9 @@ like any other CUDA work. Measured comparison on a GPU: benchmarks/bench_train.p
 
 What capture needs, and how it is met:
 - static inputs: the loader's batch is copied into buffers allocated once (0.8 MB at batch 128 in bf16);
-- gradients written, not accumulated: capture starts with grads None (zero_grad(set_to_none=True)), so backward
-  allocates them from the graph's private pool and every replay overwrites them;
+- gradients written, not accumulated: capture starts with grads None (zero_grad(set_to_none=True); train_step's
+  own zero_grad is then a no-op), so backward allocates them from the graph's private pool and every replay
+  overwrites them;
 - no host sync and no Python state in the step: the LR is a device tensor rewritten by a device-side schedule
   (optim.LRSchedule), the optimizer is fused and capturable, the step counter and per-step loss slots are
   device tensors (train.train_step);
@@ -31,6 +32,7 @@ If capture raises, one notice is printed and the step runs uncaptured from then 
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -39,16 +41,15 @@ WARMUP_STEPS = 3
 
 
 class EagerStep:
-    """The uncaptured step: clear gradients, then the step function. `ready` once torch.compile has compiled
-    (the first call) — what the trainer times as compilation."""
+    """The uncaptured step. `ready` once torch.compile has compiled (the first call): what the trainer times as
+    compilation."""
 
-    def __init__(self, step: Callable, zero_grad: Callable, compiled: bool):
-        self.step, self.zero_grad = step, zero_grad
+    def __init__(self, step: Callable, compiled: bool):
+        self.step = step
         self.ready = not compiled
         self.captured = False
 
     def __call__(self, images, labels, monitored: bool) -> None:
-        self.zero_grad()
         self.step(images, labels, monitored)
         self.ready = True
 
@@ -81,7 +82,6 @@ class GraphedStep:
             self.graphs[monitored].replay()
             return
         if self.failed is not None:
-            self.zero_grad()
             self.step(images, labels, monitored)
             return
         if self.calls < self.warmup_steps:
@@ -91,7 +91,6 @@ class GraphedStep:
         if self._capture(images, labels):
             self(images, labels, monitored)
         else:
-            self.zero_grad()
             self.step(images, labels, monitored)
 
     def _warmup(self, images, labels, monitored: bool) -> None:
@@ -99,8 +98,9 @@ class GraphedStep:
             self.side_stream = torch.cuda.Stream()
         side = self.side_stream
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.zero_grad()
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # a capturable optimizer warns once when it steps uncaptured: here that is the point of the warm-up
+            warnings.filterwarnings("ignore", message=".*capturable=True.*", category=UserWarning)
             self.step(images, labels, monitored)
         # Everything later on the current stream (including reuse of memory freed by the step) waits for it.
         torch.cuda.current_stream().wait_stream(side)

@@ -40,8 +40,9 @@ def param_groups(model, weight_decay: float, decay_norm_and_bias: bool) -> list[
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg, model, device) -> torch.optim.Optimizer:
-    """On CUDA: fused kernels, capturable, and the LR a float32 tensor on the device (what a graph replays).
+def build_optimizer(cfg, model, device, capturable: bool = False) -> torch.optim.Optimizer:
+    """On CUDA: fused kernels, the LR a float32 tensor on the device, and capturable when the step is captured in
+    a CUDA graph (Adam's capturable update costs a little more when it is not).
     On the CPU: the plain single-tensor update, the LR a float64 tensor that it reads as a Python number, so the
     arithmetic is the same as with a float LR."""
     import torch
@@ -50,7 +51,7 @@ def build_optimizer(cfg, model, device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     for group in groups:
         group["lr"] = torch.tensor(cfg.lr, dtype=torch.float32 if cuda else torch.float64, device=device)
-    options = {"fused": True, **({"capturable": True} if cfg.optimizer != "sgd" else {})} if cuda else {}
+    options = {"fused": True, **({"capturable": True} if capturable and cfg.optimizer != "sgd" else {})} if cuda else {}
     return getattr(torch.optim, OPTIMIZERS[cfg.optimizer])(groups, lr=cfg.lr, **_extra_options(cfg), **options)
 
 

@@ -17,6 +17,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -59,9 +60,8 @@ class RunDir:
     def create(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-probe"
-            probe.write_text("ok")
-            probe.unlink()
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-probe-"):  # unique: two processes may race
+                pass
         except OSError as exc:
             raise FastCifarError(f"run directory {self.path} is not writable ({exc.strerror or exc}): "
                                  f"pass --run-dir with a folder you can write to.") from None

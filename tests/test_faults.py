@@ -119,7 +119,7 @@ def test_two_processes_on_one_directory_one_wins(tmp_path):
 @pytest.mark.parametrize("signals, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_stops_at_a_step_boundary_keeping_finished_epochs(tmp_path, signals, code):
     run = tmp_path / "r"
-    result = inject(f"signal-at-step:{signals}:6", "train", *TINY_FLAGS, "--epochs", "3", "--run-dir", str(run))
+    result = inject(f"signal-at-step:{signals}:6", "train", *TINY_FLAGS, "--epochs", "2", "--run-dir", str(run))
     assert result.returncode == code, result.stderr[-2000:]
     assert f"stopped by {signals}" in result.stdout and f"fastcifar train --resume {run}" in result.stdout
     assert "Traceback" not in result.stderr
@@ -138,7 +138,7 @@ def test_a_signal_finishes_the_epoch_when_finished_epochs_are_not_saved_yet(tmp_
 
 def test_a_second_signal_exits_at_once_with_the_resume_command(tmp_path):
     run = tmp_path / "r"
-    result = inject("signal-at-step:SIGINT,SIGINT:6", "train", *TINY_FLAGS, "--epochs", "3", "--run-dir", str(run))
+    result = inject("signal-at-step:SIGINT,SIGINT:6", "train", *TINY_FLAGS, "--epochs", "2", "--run-dir", str(run))
     assert result.returncode == 130, result.stderr[-2000:]
     assert "interrupted by SIGINT" in result.stderr and f"fastcifar train --resume {run}" in result.stderr
     assert "Traceback" not in result.stderr and "RUN_DIR" not in result.stderr
@@ -195,7 +195,7 @@ class _FullDisk:
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, capsys, monkeypatch):
     run = tmp_path / "r"
-    fit(build_config(**dict(TINY, epochs=3), run_dir=str(run)), stop_after_epoch=1)
+    fit(build_config(**TINY, run_dir=str(run)), stop_after_epoch=1)
     monkeypatch.setattr(files, "os", _FullDisk(os, ".last.pt."))
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--progress", "off", "--no-report"]) == 1
@@ -330,6 +330,3 @@ def test_files_are_written_with_the_users_umask(tmp_path):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
 
 
-def test_fault_injector_refuses_unknown_faults():
-    result = inject("melt-cpu:1", "--version")
-    assert result.returncode != 0 and "unknown fault" in result.stderr

@@ -42,10 +42,10 @@ def test_real_cifar10_loads_in_canonical_order(cifar_dir):
 
 
 def test_real_data_subset_trains_through_the_cli(cifar_dir, tmp_path):
-    result = run_cli("train", "--data-dir", str(cifar_dir), "--no-download", "--train-subset", "256",
-                     "--test-subset", "200", "--epochs", "1", "--wandb", "off", "--no-report",
+    result = run_cli("train", "--data-dir", str(cifar_dir), "--no-download", "--train-subset", "128",
+                     "--test-subset", "100", "--batch-size", "64", "--epochs", "1", "--wandb", "off", "--no-report",
                      "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
-    assert "subset 256 train / 200 test" in result.stdout
+    assert "subset 128 train / 100 test" in result.stdout
     assert "warning:" in result.stderr or "FASTCIFAR_CIFAR_DIR" in os.environ
     assert (tmp_path / "run" / "last.pt").exists()

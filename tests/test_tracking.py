@@ -58,11 +58,13 @@ def test_training_logs_config_epochs_layers_plots_and_flops(tmp_path, fake_wandb
     assert [d["epoch"] for d in epochs] == [0, 1]
     assert {"test/acc", "lr", "time/epoch_s", "perf/images_per_s", "time/elapsed_s"} <= set(epochs[0])
     samples = [d for d in run.logged if "grad/global_norm" in d]
-    assert samples and {"step", "grad/layer_rms_min", "grad/layer_rms_max", "update/step_ratio_median"} <= set(samples[0])
+    run_level = {"step", "grad/layer_rms_min", "grad/layer_rms_max", "update/step_ratio_median"}
+    assert samples and run_level <= set(samples[0])
     # Per-layer statistics: one line chart per statistic (a line per epoch across the 41 layers), not 200 scalars.
     charts = {k: v for d in run.logged for k, v in d.items() if isinstance(v, tuple) and v[0] == "line_series"}
     assert set(charts) == {"layers/grad_rms", "layers/update_ratio_epoch"}
-    assert len(charts["layers/grad_rms"][1]["xs"]) == 41 and charts["layers/grad_rms"][1]["keys"] == ["epoch 0", "epoch 1"]
+    rms_chart = charts["layers/grad_rms"][1]
+    assert len(rms_chart["xs"]) == 41 and rms_chart["keys"] == ["epoch 0", "epoch 1"]
     scalar_keys = {k for d in run.logged for k in d if not isinstance(d[k], tuple)}
     assert len(scalar_keys) < 30 and not any("conv1" in k for k in scalar_keys), sorted(scalar_keys)
     plots = [d for d in run.logged if any(k.startswith("plots/") for k in d)]

@@ -134,8 +134,6 @@ def test_help_is_instant_because_it_imports_no_torch():
             "print(sorted(m for m in ('torch', 'torchvision', 'fvcore', 'matplotlib', 'numpy') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
-    assert subprocess.run([sys.executable, "-m", "fastcifar", "train", "--help"], capture_output=True,
-                          cwd=REPO, timeout=60).returncode == 0
 
 
 def test_device_name_counts_ddp_processes():
