@@ -54,16 +54,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help=f"peak learning rate; default {d.lr}")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
     g.add_argument("--weight-decay", type=float, help=f"on conv and linear weights; default {d.weight_decay}")
-    g.add_argument("--decay-norm-and-bias", action="store_const", const=True,
+    g.add_argument("--decay-norm-and-bias", action=argparse.BooleanOptionalAction,
                    help="apply weight decay to BatchNorm weights and biases too (default: not)")
     g.add_argument("--momentum", type=float, help=f"sgd only; default {d.momentum}")
-    g.add_argument("--no-nesterov", dest="nesterov", action="store_const", const=False, help="sgd: plain momentum")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="sgd: Nesterov momentum (default) or "
+                                                                            "plain momentum")
     g.add_argument("--scheduler", choices=SCHEDULES, help="LR decay to 0 over the run, stepped every optimizer step; "
                                                           "default cosine")
     g.add_argument("--warmup-epochs", type=float, help="linear LR warm-up before the decay; default 0")
     g.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
-    g.add_argument("--zero-init-residual", action="store_const", const=True,
-                   help="start each residual block's last BatchNorm at 0 (the fast recipe does)")
+    g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
+                   help="start each residual block's last BatchNorm at 0 (the fast recipe does; --no-... to not)")
     g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an exponential moving average of the weights "
                                                               "with this per-step decay (e.g. 0.999); default off")
     g.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: flip averages each test image's logits "
