@@ -43,3 +43,19 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
 
 TINY = dict(dataset="synthetic", synthetic_size=32, batch_size=8, epochs=2, wandb="off", report=False,
             progress="off")
+
+
+def tiny_config(run_dir, **overrides):
+    """The TINY synthetic configuration writing to run_dir, with overrides (fastcifar imported here: the CLI tests
+    that only need run_cli stay torch-free at import)."""
+    from fastcifar.config import build_config
+
+    return build_config(**{**TINY, **overrides}, run_dir=str(run_dir))
+
+
+TIMING_WORDS = ("time", "per_s", "flops", "elapsed", "compile")
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their wall-clock fields: what two runs of the same seed must agree on exactly."""
+    return [{k: v for k, v in r.items() if not any(word in k for word in TIMING_WORDS)} for r in rows]

@@ -12,10 +12,9 @@ import sys
 import pytest
 import torch
 
-from support import REPO, TINY
+from support import REPO, tiny_config, without_timings
 from fastcifar import FastCifarError, files
 from fastcifar.cli import main
-from fastcifar.config import build_config
 from fastcifar.tracking import RunDir
 from fastcifar.train import fit
 
@@ -47,13 +46,9 @@ def snapshot(folder):
 def straight(tmp_path_factory):
     """An uninterrupted 3-epoch run: what every interrupted-and-resumed run must equal, bit for bit."""
     run = tmp_path_factory.mktemp("straight") / "run"
-    fit(build_config(**dict(TINY, epochs=3), run_dir=str(run)))
+    fit(tiny_config(run, epochs=3))
     return run
 
-
-def _strip(rs):
-    return [{k: v for k, v in r.items() if not any(t in k for t in ("time", "per_s", "flops", "elapsed", "compile"))}
-            for r in rs]
 
 
 def test_kill_9_at_any_moment_then_resume_equals_the_straight_run(straight, tmp_path):
@@ -75,7 +70,7 @@ def test_kill_9_at_any_moment_then_resume_equals_the_straight_run(straight, tmp_
     assert not list(run.glob(".*.tmp"))  # temp files of killed saves are removed on resume
     a, b = weights(straight / "last.pt"), weights(run / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _strip(rows(straight)) == _strip(rows(run))
+    assert without_timings(rows(straight)) == without_timings(rows(run))
     assert (straight / "grad_flow.jsonl").read_text() == (run / "grad_flow.jsonl").read_text()
     best = torch.load(run / "best.pt", weights_only=False)
     assert best["epoch"] == torch.load(run / "last.pt", weights_only=False)["best"]["epoch"]
@@ -90,7 +85,7 @@ def test_a_run_directory_belongs_to_one_run(straight, tmp_path, capsys):
 
 
 def test_a_locked_run_directory_names_its_holder(tmp_path, capsys):
-    fit(build_config(**dict(TINY, epochs=2), run_dir=str(tmp_path / "r")), stop_after_epoch=1)
+    fit(tiny_config(tmp_path / "r", epochs=2), stop_after_epoch=1)
     holder = RunDir(tmp_path / "r")
     holder.lock()  # as a live process holds it
     try:
@@ -147,7 +142,7 @@ def test_a_second_signal_exits_at_once_with_the_resume_command(tmp_path):
 
 def test_a_torn_last_line_is_dropped_on_resume(tmp_path, capsys):
     run = tmp_path / "r"
-    fit(build_config(**dict(TINY, epochs=2), run_dir=str(run)), stop_after_epoch=1)
+    fit(tiny_config(run, epochs=2), stop_after_epoch=1)
     for name in ("metrics.jsonl", "grad_flow.jsonl", "updates.jsonl"):
         with open(run / name, "a") as f:
             f.write('{"epoch": 1, "train_lo')  # a crash or a full disk mid-append
@@ -160,7 +155,7 @@ def test_a_torn_last_line_is_dropped_on_resume(tmp_path, capsys):
 
 def test_an_unreadable_line_elsewhere_is_one_clear_error(tmp_path, capsys):
     run = tmp_path / "r"
-    fit(build_config(**dict(TINY, epochs=2), run_dir=str(run)), stop_after_epoch=1)
+    fit(tiny_config(run, epochs=2), stop_after_epoch=1)
     text = (run / "metrics.jsonl").read_text()
     (run / "metrics.jsonl").write_bytes(b"\x00\xff garbage\n" + text.encode())
     assert main(["train", "--resume", str(run), "--progress", "off"]) == 1
@@ -195,7 +190,7 @@ class _FullDisk:
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, capsys, monkeypatch):
     run = tmp_path / "r"
-    fit(build_config(**TINY, run_dir=str(run)), stop_after_epoch=1)
+    fit(tiny_config(run), stop_after_epoch=1)
     monkeypatch.setattr(files, "os", _FullDisk(os, ".last.pt."))
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--progress", "off", "--no-report"]) == 1
@@ -211,7 +206,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, cap
 
 def test_a_corrupt_checkpoint_is_caught_by_its_checksum(tmp_path, capsys):
     run = tmp_path / "r"
-    fit(build_config(**dict(TINY, epochs=2), run_dir=str(run)), stop_after_epoch=1)
+    fit(tiny_config(run, epochs=2), stop_after_epoch=1)
     data = bytearray((run / "last.pt").read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = b"\x00" * 64  # bytes overwritten in the middle
     (run / "last.pt").write_bytes(bytes(data))
@@ -224,7 +219,7 @@ def test_a_corrupt_checkpoint_is_caught_by_its_checksum(tmp_path, capsys):
 
 def test_a_checkpoint_of_another_model_says_what_differs(tmp_path, capsys):
     run = tmp_path / "r"
-    fit(build_config(**dict(TINY, epochs=1), run_dir=str(run)))
+    fit(tiny_config(run, epochs=1))
     state = torch.load(run / "best.pt", weights_only=False)
     state["model"]["fc.weight"] = torch.zeros(100, 512)
     state["model"]["fc.bias"] = torch.zeros(100)
@@ -243,7 +238,7 @@ def test_a_checkpoint_of_another_model_says_what_differs(tmp_path, capsys):
 def test_a_checkpoint_of_another_batch_layout_is_not_resumed(tmp_path, capsys):
     """A run resumed with another number of processes (or data) would land elsewhere in its LR schedule."""
     run = tmp_path / "r"
-    fit(build_config(**dict(TINY, epochs=2), run_dir=str(run)), stop_after_epoch=1)
+    fit(tiny_config(run, epochs=2), stop_after_epoch=1)
     state = torch.load(run / "last.pt", weights_only=False)
     state["world_size"], state["steps_per_epoch"] = 2, 2  # as if saved by `torchrun --nproc_per_node 2`
     torch.save(state, run / "last.pt")
@@ -257,7 +252,7 @@ def test_a_checkpoint_of_another_batch_layout_is_not_resumed(tmp_path, capsys):
 
 def test_resume_removes_stale_temp_files_and_repairs_best_pt(tmp_path, capsys):
     run = tmp_path / "r"
-    fit(build_config(**dict(TINY, epochs=3), run_dir=str(run)), stop_after_epoch=2)
+    fit(tiny_config(run, epochs=3), stop_after_epoch=2)
     best_epoch = torch.load(run / "last.pt", weights_only=False)["best"]["epoch"]
     (run / ".last.pt.a1b2c3d4.tmp").write_bytes(b"x" * 1000)  # a killed save's leftover
     stale = torch.load(run / "best.pt", weights_only=False)
@@ -300,7 +295,7 @@ def test_divergence_mentions_last_pt_only_when_there_is_one(tmp_path, capsys):
         return torch.nn.functional.cross_entropy(logits, labels) * float("nan")
 
     with pytest.raises(TrainingDiverged) as info:
-        fit(build_config(**TINY, run_dir=str(tmp_path / "r")), loss_fn=nan_loss)
+        fit(tiny_config(tmp_path / "r"), loss_fn=nan_loss)
     assert "non-finite training loss at epoch 0 step 0" in str(info.value)
     assert "No epoch was saved yet" in str(info.value) and "last.pt" not in str(info.value)
 
@@ -323,7 +318,7 @@ def test_an_unreadable_data_file_says_permission_denied(cifar_copy, monkeypatch)
 def test_files_are_written_with_the_users_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        fit(build_config(**dict(TINY, epochs=1), run_dir=str(tmp_path / "r")))
+        fit(tiny_config(tmp_path / "r", epochs=1))
     finally:
         os.umask(old)
     for name in ("config.json", "summary.json", "last.pt", "best.pt", "metrics.jsonl"):

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from support import TINY
-from fastcifar.config import build_config
+from support import tiny_config
 from fastcifar.monitor import LayerMonitor, default_grad_epochs
 from fastcifar.train import TrainingDiverged, fit
 
@@ -74,7 +73,7 @@ def test_zero_init_residual_blocks_are_not_flagged_at_the_first_step(tmp_path):
     monitor = LayerMonitor(_toy(), steps_per_epoch=10, epochs=3)
     assert monitor.flag_layers([0.0, 1.0, 1.0], zero_by_design=True)["vanishing"] == []
     assert monitor.flag_layers([0.0, 1.0, 1.0])["vanishing"] == ["0"]
-    fit(build_config(**dict(TINY, epochs=1), zero_init_residual=True, run_dir=str(tmp_path / "r")))
+    fit(tiny_config(tmp_path / "r", epochs=1, zero_init_residual=True))
     grads = [json.loads(x) for x in (tmp_path / "r" / "grad_flow.jsonl").read_text().splitlines()]
     assert any(r["step"] == 0 and r["norm"] == 0.0 for r in grads)  # the zero gradients are recorded...
     (row,) = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -82,7 +81,7 @@ def test_zero_init_residual_blocks_are_not_flagged_at_the_first_step(tmp_path):
 
 
 def test_monitor_rows_are_written_in_a_tidy_format(tmp_path):
-    fit(build_config(**TINY, run_dir=str(tmp_path / "r")))
+    fit(tiny_config(tmp_path / "r"))
     rows = [json.loads(x) for x in (tmp_path / "r" / "grad_flow.jsonl").read_text().splitlines()]
     assert {tuple(sorted(r)) for r in rows} == {("epoch", "index", "kind", "layer", "max_abs", "mean_abs", "norm",
                                                  "numel", "rms", "step")}
@@ -99,7 +98,7 @@ def test_monitor_rows_are_written_in_a_tidy_format(tmp_path):
 
 
 def test_a_flagged_layer_is_named_in_the_epoch_line(tmp_path, capsys):
-    fit(build_config(**dict(TINY, epochs=1), grad_high=1e-30, grad_low=0.0, run_dir=str(tmp_path / "r")))
+    fit(tiny_config(tmp_path / "r", epochs=1, grad_high=1e-30, grad_low=0.0))
     out = capsys.readouterr().out
     assert "FLAGGED exploding: conv1, bn1, layer1.0.conv1, layer1.0.bn1 (+37 more)" in out  # forward order
 
@@ -113,7 +112,7 @@ def test_planted_nan_stops_the_run_naming_epoch_and_step(tmp_path):
         return loss * float("nan") if calls["n"] == 7 else loss  # epoch 1 (0-based), step 2 at 4 steps an epoch
 
     with pytest.raises(TrainingDiverged, match=r"non-finite training loss at epoch 1 step 2 \(global step 6\)") as info:
-        fit(build_config(**TINY, run_dir=str(tmp_path / "r")), loss_fn=poisoned)
+        fit(tiny_config(tmp_path / "r"), loss_fn=poisoned)
     assert f"The last good checkpoint is {tmp_path / 'r' / 'last.pt'} (1 epoch(s) done)" in str(info.value)
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     assert state["epoch"] == 1  # the last good epoch's checkpoint is kept

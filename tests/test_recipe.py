@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import REPO, TINY
+from support import REPO, TINY, tiny_config
 from fastcifar import run as run_module
 from fastcifar.cli import main as cli_main
 from fastcifar.config import RECIPES, build_config, resolve
@@ -90,7 +90,7 @@ def test_the_ema_follows_its_recurrence_with_a_warm_up_and_is_what_evaluation_us
 @pytest.fixture(scope="module")
 def tta_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tta") / "run"
-    summary = fit(build_config(**dict(TINY, epochs=3, tta="flip", monitor=False), run_dir=str(run)))
+    summary = fit(tiny_config(run, epochs=3, tta="flip", monitor=False))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return run, summary, rows
 
@@ -110,7 +110,7 @@ def test_time_to_accuracy_is_recorded_in_rows_summary_and_table(tta_run, tmp_pat
     accs = [r["test_acc_tta"] for r in rows]
     milestones = (min(accs), max(accs), 1.5)  # reached at once, reached at the best epoch, never
     monkeypatch.setattr(run_module, "ACCURACY_MILESTONES", milestones)
-    summary = fit(build_config(**dict(TINY, epochs=3, tta="flip", monitor=False), run_dir=str(tmp_path / "r")))
+    summary = fit(tiny_config(tmp_path / "r", epochs=3, tta="flip", monitor=False))
     out = capsys.readouterr().out
     again = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     first = {m: next(r["epoch"] for r in again if r["test_acc_tta"] >= m) for m in milestones[:2]}
@@ -130,8 +130,7 @@ def test_target_accuracy_stops_the_run_after_that_epochs_checkpoint(tta_run, tmp
     _, _, rows = tta_run
     target = rows[1]["test_acc_tta"]
     reached = next(r["epoch"] for r in rows if r["test_acc_tta"] >= target)
-    summary = fit(build_config(**dict(TINY, epochs=3, tta="flip", monitor=False), target_acc=target,
-                               run_dir=str(tmp_path / "r")))
+    summary = fit(tiny_config(tmp_path / "r", epochs=3, tta="flip", monitor=False, target_acc=target))
     assert summary["target_reached_epoch"] == reached and summary["epochs_done"] == reached + 1
     assert not summary["finished"]
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=False)["epoch"] == reached + 1

@@ -7,8 +7,7 @@ import types
 
 import pytest
 
-from support import REPO, TINY
-from fastcifar.config import build_config
+from support import REPO, tiny_config
 from fastcifar.tracking import RunDir, WandbTracker
 from fastcifar.train import fit
 
@@ -48,7 +47,7 @@ def fake_wandb(monkeypatch):
 
 
 def test_training_logs_config_epochs_layers_plots_and_flops(tmp_path, fake_wandb):
-    fit(build_config(**dict(TINY, wandb="auto", report=True), run_dir=str(tmp_path / "r")))
+    fit(tiny_config(tmp_path / "r", wandb="auto", report=True))
     (run,) = fake_wandb.runs
     assert run.init["mode"] == "offline"  # auto without an API key
     assert run.init["settings"] == {"quiet": True}  # no end-of-run history dump under the results table
@@ -84,7 +83,7 @@ def test_a_wandb_failure_warns_once_and_training_goes_on(tmp_path, fake_wandb, c
 
     FakeRun.log, original = broken_log, FakeRun.log
     try:
-        summary = fit(build_config(**dict(TINY, epochs=1, wandb="offline"), run_dir=str(tmp_path / "r")))
+        summary = fit(tiny_config(tmp_path / "r", epochs=1, wandb="offline"))
     finally:
         FakeRun.log = original
     assert summary["finished"]

@@ -6,9 +6,8 @@ import os
 import pytest
 import torch
 
-from support import TINY, run_cli
+from support import run_cli, tiny_config, without_timings
 from fastcifar.cli import main
-from fastcifar.config import build_config
 from fastcifar.train import fit
 
 
@@ -49,15 +48,11 @@ def _weights(run_dir):
     return torch.load(run_dir / "last.pt", weights_only=False)["model"]
 
 
-def _strip_times(rows):
-    timing = ("time", "per_s", "flops", "elapsed", "compile")
-    return [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rows]
-
 
 def test_resume_equals_straight_run_to_the_last_digit(tmp_path):
-    straight = fit(build_config(**TINY, run_dir=str(tmp_path / "a")))
+    straight = fit(tiny_config(tmp_path / "a"))
     assert straight["finished"]
-    fit(build_config(**TINY, run_dir=str(tmp_path / "b")), stop_after_epoch=1)
+    fit(tiny_config(tmp_path / "b"), stop_after_epoch=1)
     rows_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(rows_b) == 1
     rc = main(["train", "--resume", str(tmp_path / "b"), "--progress", "off"])
@@ -66,22 +61,21 @@ def test_resume_equals_straight_run_to_the_last_digit(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ra = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert _strip_times(ra) == _strip_times(rb)  # appended to the same metrics.jsonl, identical numbers
+    assert without_timings(ra) == without_timings(rb)  # appended to the same metrics.jsonl, identical numbers
     ga = (tmp_path / "a" / "grad_flow.jsonl").read_text()
     assert ga == (tmp_path / "b" / "grad_flow.jsonl").read_text()
 
 
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
-    cfg = dict(TINY, epochs=1, monitor=False)
-    a = fit(build_config(**cfg, run_dir=str(tmp_path / "a")))
-    b = fit(build_config(**cfg, run_dir=str(tmp_path / "b")))
-    c = fit(build_config(**cfg, seed=1, run_dir=str(tmp_path / "c")))
+    a = fit(tiny_config(tmp_path / "a", epochs=1, monitor=False))
+    b = fit(tiny_config(tmp_path / "b", epochs=1, monitor=False))
+    c = fit(tiny_config(tmp_path / "c", epochs=1, monitor=False, seed=1))
     assert a["final_train_loss"] == b["final_train_loss"] and a["final_test_loss"] == b["final_test_loss"]
     assert a["final_train_loss"] != c["final_train_loss"]
 
 
 def test_resume_refuses_changed_recipe_and_finished_runs(tmp_path, capsys):
-    fit(build_config(**dict(TINY, epochs=1, monitor=False), run_dir=str(tmp_path / "r")))
+    fit(tiny_config(tmp_path / "r", epochs=1, monitor=False))
     assert main(["train", "--resume", str(tmp_path / "r"), "--lr", "0.5"]) == 1
     assert "cannot change: --lr" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "r")]) == 1
@@ -177,6 +171,6 @@ def test_compile_builds_one_graph_for_training_and_one_for_evaluation(tmp_path):
 
     counters.clear()
     # 40 training images at batch 8; 20 test images at eval batch 12 = one full eval batch + one padded
-    fit(build_config(**dict(TINY, synthetic_size=40), eval_batch_size=12, compile="on", run_dir=str(tmp_path / "r")))
+    fit(tiny_config(tmp_path / "r", synthetic_size=40, eval_batch_size=12, compile="on"))
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from support import REPO, TINY
+from support import REPO, tiny_config
 from fastcifar.cli import main
 from fastcifar.config import build_config
 from fastcifar.console import epoch_line
@@ -23,7 +23,7 @@ FLAGS = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "8"
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
     run = tmp_path_factory.mktemp("usability") / "run"
-    fit(build_config(**dict(TINY, epochs=2), run_dir=str(run)))
+    fit(tiny_config(run, epochs=2))
     return run
 
 
