@@ -17,6 +17,7 @@ from fastcifar.config import default_grad_epochs
 from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import parameterised_layers
 from fastcifar.report import build_figures, make_report
+from fastcifar.report.common import FLAG_COLOR
 
 LAYERS = [name for name, _ in parameterised_layers(resnet18_cifar())]
 PNGS = ["training_curves.png", "gradient_flow.png", "weight_updates.png"]
@@ -213,6 +214,23 @@ def test_gradient_flow_counts_zero_norms_and_keeps_many_flags_short(tmp_path):
     assert f"({len(branch)} norms exactly 0, " in text and len(text) < 130
     floor = next(line for ax in fig.axes for line in ax.lines if line.get_label() == "a sampled norm was exactly 0")
     assert sorted(floor.get_xdata()) == [LAYERS.index(n) for n in branch]
+
+
+def test_zero_norms_of_a_zero_init_run_at_step_0_are_no_alarm(tmp_path):
+    """The monitor does not flag the branches' zero gradients at step 0 of a zero_init_residual run (they are
+    zero by construction); the figure says so instead of turning its margin line red."""
+    run = fabricate_run(tmp_path / "run", flagged=None)
+    branch = [n for n in LAYERS if ".conv" in n or ".bn1" in n]
+    _write_jsonl(run / "grad_flow.jsonl", [{**r, "norm": 0.0, "rms": 0.0} if r["step"] == 0 and r["layer"] in branch
+                                           else r for r in _read_jsonl(run / "grad_flow.jsonl")])
+    config = json.loads((run / "config.json").read_text())
+    for zero_init, colour in ((True, "darkgreen"), (False, FLAG_COLOR)):
+        config["config"]["zero_init_residual"] = zero_init
+        (run / "config.json").write_text(json.dumps(config))
+        title = next(ax.title for ax in build_figures(run)["gradient_flow.png"].axes
+                     if "vs limits" in ax.get_title())
+        assert title.get_text().startswith("no layer flagged; range 0–")
+        assert ("by design" in title.get_text()) == zero_init and title.get_color() == colour
 
 
 def test_weight_updates_leave_out_undefined_ratios_of_zero_initialised_layers(tmp_path):

@@ -57,9 +57,10 @@ def _few(items, n: int = 3) -> str:
     return ", ".join(items[:n]) + (f", … ({len(items)})" if len(items) > n else "")
 
 
-def _margin_text(norms: np.ndarray, lo: float, hi: float, flags: dict) -> tuple[str, bool]:
+def _margin_text(norms: np.ndarray, lo: float, hi: float, flags: dict, zeros_by_design: int = 0) -> tuple[str, bool]:
     """One sentence: flagged or not, the range of every sampled gradient norm (zeros included: a norm of exactly
-    0 is what a vanishing flag often is), the limits and the margins; and whether it is an alarm."""
+    0 is what a vanishing flag often is), the limits and the margins; and whether it is an alarm. zeros_by_design:
+    how many of the zeros the monitor did not flag (step 0 of a zero-init-residual run): no alarm for those."""
     heads = []
     for kind, by_layer in sorted(flags.items()):
         names = _few(by_layer, 2) if len(by_layer) <= 2 else f"{len(by_layer)} layers"
@@ -74,7 +75,10 @@ def _margin_text(norms: np.ndarray, lo: float, hi: float, flags: dict) -> tuple[
     text += f"; range {_sci(low)}–{_sci(high)} vs limits {_sci(lo)}/{_sci(hi)}"
     if lo > 0 and hi > 0:
         zeros = int(np.sum(finite <= 0))
-        if zeros:
+        if zeros and zeros == zeros_by_design:
+            text += f" ({zeros} norm{'s' * (zeros > 1)} exactly 0 at step 0, by design: zero-initialised branches"
+            low = finite[finite > 0].min() if (finite > 0).any() else lo
+        elif zeros:
             text += f" ({zeros} norm{'s' * (zeros > 1)} exactly 0"
         else:
             text += f" (×{_sci(low / lo)} above the low one" if low >= lo else f" (lowest ×{_sci(lo / low)} BELOW it"
@@ -133,7 +137,9 @@ def gradient_flow(run_dir: Path, d: dict) -> Figure:
     # all samples, between the two limits, and the margin said in words.
     lo, hi = _num(d["config"].get("grad_low", 1e-7)), _num(d["config"].get("grad_high", 1e3))
     every = np.concatenate([np.asarray(v) for v in norms.values()])
-    text, alarm = _margin_text(every, lo, hi, flags)
+    by_design = sum(1 for r in rows if r["step"] == 0 and _num(r.get("norm")) == 0) \
+        if d["config"].get("zero_init_residual") else 0
+    text, alarm = _margin_text(every, lo, hi, flags, by_design)
     for group, idx in groups.items():
         ax_m.vlines(idx, [_nanstat(np.nanmin, _positive(norms[i])) for i in idx],
                     [_nanstat(np.nanmax, _positive(norms[i])) for i in idx], color="0.5" if group == "norm" else "k",
