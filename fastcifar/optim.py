@@ -98,7 +98,9 @@ class LRSchedule:
         return 1.0 - since / decay_steps if self.kind == "linear" else 1.0
 
     def _write(self) -> None:
-        lr = self.table[self.step.clamp(max=self.total)]
+        # index_select, not table[step]: indexing with a 0-dim tensor reads it on the host (.item(), a sync that
+        # would make CUDA-graph capture fail)
+        lr = self.table.index_select(0, self.step.clamp(max=self.total).view(1)).view(())
         for group_lr in self.lrs:
             group_lr.copy_(lr)
 

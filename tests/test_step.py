@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastcifar.config import build_config, resolve
 from fastcifar.cuda_graphs import GraphedStep
@@ -162,6 +163,37 @@ def test_lr_schedule_follows_its_formula_and_reaches_zero(kind, warmup):
     extended.load_state_dict(state)
     assert state["step"] == 99
     assert optimizer.param_groups[0]["lr"].item() == pytest.approx(expected_lr(kind, warmup, 200, 0.4, 99))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (`.item()`, `bool(t)`, indexing with a tensor):
+    on CUDA each is a sync, which a CUDA graph cannot capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recipe", ["worksheet", "fast"])
+def test_the_captured_step_reads_nothing_on_the_host(recipe, monkeypatch):
+    """What GraphedStep captures, checked on the CPU: forward, loss, backward, statistics, LR schedule, EMA and
+    bookkeeping never read a device value on the host. The CPU optimizer is left out: it reads its LR as a
+    number, where the CUDA one (fused, capturable) reads the tensor."""
+    s = session(**({"recipe": "fast", "batch_size": 8, "epochs": 3, "ema": 0.9} if recipe == "fast" else {}))
+    data = batches(s, 3)
+    run_steps(s, data[:1])
+    monkeypatch.setattr(s.optimizer, "step", lambda *a, **k: None)
+    for monitored, (images, labels) in zip((False, True), data[1:]):
+        with HostReads() as reads:
+            s.stepper(images, labels, monitored)
+        assert reads.count == 0, monitored
+    with HostReads() as reads:  # and the check itself can fail
+        float(s.step_losses[0])
+    assert reads.count == 1
 
 
 def test_a_failed_capture_prints_one_notice_and_trains_uncaptured(monkeypatch):
