@@ -59,7 +59,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
         raise FastCifarError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}).") from None
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or state.get("model") is None:
         raise FastCifarError(f"{path} is not a fastcifar checkpoint (no model weights in it).")
     return state
 

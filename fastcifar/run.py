@@ -243,10 +243,23 @@ class TrainingRun:
 
     def _repair_best(self) -> None:
         """After a kill between writing last.pt and best.pt, best.pt can hold another epoch than the best one
-        last.pt records; last.pt carries the best weights, so best.pt is rewritten from it."""
-        if self.best.model is None:
-            return
+        last.pt records; last.pt carries the best weights, so best.pt is rewritten from it. A last.pt of format 1
+        did not carry them when the best epoch was an earlier one: then best.pt is their only copy, kept as it is
+        and read back so that later checkpoints carry them."""
         path = self.dir.file("best.pt")
+        if self.best.model is None:
+            if self.best.epoch >= 0:
+                try:
+                    held = load_checkpoint(path) if path.exists() else {}
+                except FastCifarError:
+                    held = {}
+                if held.get("epoch") == self.best.epoch and held.get("model") is not None:
+                    self.best = Best(self.best.epoch, self.best.acc, held["model"], held.get("ema"))
+                else:
+                    self.notice(f"warning: the weights of the best epoch ({self.best.epoch}) are in neither last.pt "
+                                f"nor best.pt; best.pt is left as it is")
+                self.best_written = self.best.epoch  # never overwrite best.pt with no weights
+            return
         try:
             held = load_checkpoint(path).get("epoch") if path.exists() else None
         except FastCifarError:
@@ -370,6 +383,8 @@ class TrainingRun:
         return self.last_save_s <= SAVE_SHARE * self.trained_since_save
 
     def _write_best(self) -> None:
+        if self.best.model is None:
+            return
         save_checkpoint(self.dir.file("best.pt"), best_weights(
             self.best, headline="flip TTA" if self.cfg.tta == "flip" else "no TTA", config=self.cfg.to_dict(),
             classes=list(self.dataset.classes)))

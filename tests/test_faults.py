@@ -14,6 +14,7 @@ import torch
 
 from support import REPO, tiny_config, without_timings
 from fastcifar import FastCifarError, files
+from fastcifar.checkpoint import save_checkpoint
 from fastcifar.cli import main
 from fastcifar.tracking import RunDir
 from fastcifar.train import fit
@@ -325,3 +326,23 @@ def test_files_are_written_with_the_users_umask(tmp_path):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
 
 
+
+
+def test_a_run_saved_by_the_first_checkpoint_format_resumes_without_losing_its_best_weights(tmp_path, capsys):
+    """Format 1 (before best weights travelled in last.pt): when the best epoch was an earlier one, best.pt held
+    the only copy of its weights. Resuming must keep them, carry them on, and never write a best.pt without them."""
+    run = tmp_path / "run"
+    fit(tiny_config(run, epochs=2))
+    last = torch.load(run / "last.pt", weights_only=False)
+    best = torch.load(run / "best.pt", weights_only=False)
+    marker = {k: v + 1 if v.is_floating_point() else v for k, v in best["model"].items()}  # tell them apart
+    save_checkpoint(run / "best.pt", {**best, "epoch": 0, "model": marker})
+    old = {k: v for k, v in last.items() if k not in ("best", "format")}
+    save_checkpoint(run / "last.pt", {**old, "format": 1, "best_epoch": 0, "best_acc": 1.0})  # 1.0: stays best
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    kept = torch.load(run / "best.pt", weights_only=False)
+    assert kept["epoch"] == 0 and all(torch.equal(kept["model"][k], v) for k, v in marker.items())
+    carried = torch.load(run / "last.pt", weights_only=False)["best"]
+    assert carried["epoch"] == 0 and all(torch.equal(carried["model"][k], v) for k, v in marker.items())
+    assert main(["eval", str(run / "best.pt")]) == 0
