@@ -122,13 +122,23 @@ class Best:
 @dataclass
 class Timing:
     """Cumulative over the run's processes, stored in every last.pt. checkpoint_s and checkpoints count the saves
-    completed before the one that stores them."""
+    completed before the one that stores them; that one is counted on resume (`count_the_last_save`)."""
 
     wall_s: float = 0.0  # before this process
     train_s: float = 0.0
     compile_s: float = 0.0
     checkpoint_s: float = 0.0
     checkpoints: int = 0
+    save_started_at: float = 0.0  # time.time() when the save that wrote this last.pt began
+
+    def count_the_last_save(self, written: list[Path]) -> None:
+        """On resume: the save that wrote last.pt took from save_started_at to the newest of the files it wrote."""
+        if not self.save_started_at:
+            return  # a checkpoint older than this field: that save stays uncounted
+        ends = [p.stat().st_mtime for p in written if p.exists() and p.stat().st_mtime >= self.save_started_at]
+        self.checkpoint_s += max(ends) - self.save_started_at if ends else 0.0
+        self.checkpoints += 1
+        self.save_started_at = 0.0
 
 
 def resume_state(session, *, epoch: int, best: Best, timing: Timing, config: dict, classes: list[str],

@@ -188,6 +188,7 @@ class TrainingRun:
             self.start_epoch, self.best, self.timing = restore(s, self.resume_state, self.dir.file("last.pt"),
                                                                self.info.world_size)
             self.saved_through = self.last_finished = self.start_epoch - 1
+            self.timing.count_the_last_save([self.dir.file("last.pt"), self.dir.file("best.pt")])
         elif self.init_state is not None:
             check_compatible(s.model.state_dict(), self.init_state["model"], Path(self.cfg.init_from))
             s.model.load_state_dict(self.init_state["model"])
@@ -391,7 +392,7 @@ class TrainingRun:
 
     def _save(self, s: Session, epoch: int) -> float:
         start = time.perf_counter()
-        timing = Timing(**{**vars(self.timing), "wall_s": self._wall()})
+        timing = Timing(**{**vars(self.timing), "wall_s": self._wall(), "save_started_at": time.time()})
         save_checkpoint(self.dir.file("last.pt"), resume_state(
             s, epoch=epoch, best=self.best, timing=timing, config=self.cfg.to_dict(),
             classes=list(self.dataset.classes), world_size=self.info.world_size))

@@ -174,3 +174,13 @@ def test_compile_builds_one_graph_for_training_and_one_for_evaluation(tmp_path):
     fit(tiny_config(tmp_path / "r", synthetic_size=40, eval_batch_size=12, compile="on"))
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
+
+
+def test_checkpoint_count_and_time_stay_cumulative_across_a_resume(tmp_path):
+    """last.pt cannot hold the duration of the save that writes it: a resume counts that save from the files."""
+    run = tmp_path / "r"
+    first = fit(tiny_config(run, epochs=2, monitor=False))
+    assert first["checkpoints"] == 2
+    assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["checkpoints"] == 3 and summary["checkpoint_time_s"] > first["checkpoint_time_s"]
