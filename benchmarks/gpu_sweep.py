@@ -46,7 +46,7 @@ def per_variant(runs: list[dict]) -> dict:
         by_variant.setdefault(run["variant"], []).append(run)
     table = {}
     for name, rs in by_variant.items():
-        def stats(key):
+        def stats(key, rs=rs):
             values = [r[key] for r in rs if r.get(key) is not None]
             if not values:
                 return None
@@ -54,6 +54,7 @@ def per_variant(runs: list[dict]) -> dict:
                     "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
         table[name] = {"overrides": VARIANTS.get(name, {}), "seeds": [r["seed"] for r in rs],
+                       "failed": [r["seed"] for r in rs if "error" in r],  # left out of every mean below
                        "best_test_acc": stats("best_test_acc"), "best_test_acc_no_tta": stats("best_test_acc_no_tta"),
                        "final_test_acc": stats("final_test_acc"), "epoch_94": stats("epoch_94"),
                        "train_wall_s": stats("train_wall_s"), "mean_epoch_time_s": stats("mean_epoch_time_s")}
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
 
+    from fastcifar import FastCifarError
     from fastcifar.config import build_config
     from fastcifar.files import atomic_write, dumps
     from fastcifar.train import fit
@@ -90,7 +92,10 @@ def main(argv=None) -> int:
                                       "wandb": "off", "progress": "off", "report": False, "monitor": False,
                                       "save_every": 1000})
         began = time.perf_counter()
-        summary = fit(cfg)
+        try:
+            summary, error = fit(cfg), None
+        except FastCifarError as exc:  # a diverging variant (a high LR may) is a result, not the sweep's end
+            summary, error = {}, str(exc)
         reached = (summary.get("time_to_acc") or {}).get("94%")
         runs.append({"variant": name, "seed": seed, "overrides": VARIANTS[name],
                      **{k: summary.get(k) for k in ("best_test_acc", "best_test_acc_no_tta", "best_epoch",
@@ -98,15 +103,16 @@ def main(argv=None) -> int:
                                                     "mean_epoch_time_s", "first_epoch_time_s", "compile_s",
                                                     "train_wall_s", "total_wall_s", "time_to_acc", "device_name",
                                                     "active")},
-                     "epoch_94": reached["epoch"] if reached else None, "wall_s": time.perf_counter() - began})
+                     "epoch_94": reached["epoch"] if reached else None, "wall_s": time.perf_counter() - began,
+                     **({"error": error} if error else {})})
         for path in run_dir.glob("*.pt"):
             path.unlink()  # 180 MB of checkpoints per run: the numbers are what the sweep keeps
         atomic_write(args.out / "sweep.json", (dumps({"runs": runs, "variants": per_variant(runs),
                                                       "elapsed_s": time.perf_counter() - start}, indent=1)
                                                + "\n").encode())
-        print(f"sweep: {name} seed {seed}: {100 * runs[-1]['best_test_acc']:.2f} % "
-              f"({runs[-1]['wall_s']:.0f} s)", flush=True)
-    if not runs:
+        result = f"{100 * runs[-1]['best_test_acc']:.2f} %" if not error else f"failed: {error}"
+        print(f"sweep: {name} seed {seed}: {result} ({runs[-1]['wall_s']:.0f} s)", flush=True)
+    if not any("error" not in r for r in runs):
         print("sweep: no run finished", file=sys.stderr)
         return 1
     return 0

@@ -2,6 +2,7 @@
 and --target-acc. (The step's arithmetic is in test_step.py, the augmentation in test_loaders.py; the 94 % claim
 itself needs a GPU: benchmarks/gpu_sweep.sh.)"""
 
+import importlib.util
 import json
 import subprocess
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from support import REPO, TINY, tiny_config
+from fastcifar import TrainingDiverged
 from fastcifar import run as run_module
 from fastcifar.cli import main as cli_main
 from fastcifar.config import RECIPES, build_config, resolve
@@ -154,3 +156,25 @@ def test_gpu_sweep_runs_its_grid_and_writes_one_json(tmp_path):
     assert stats["spread"] == pytest.approx(max(accs) - min(accs))
     assert sweep["variants"]["ema0.999"]["overrides"] == {"ema": 0.999}
     assert not list(tmp_path.glob("runs/*/*.pt"))  # checkpoints dropped: the sweep keeps numbers
+
+
+def test_a_diverging_variant_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_sweep", REPO / "benchmarks" / "gpu_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def fake_fit(cfg):
+        if cfg.lr == 0.4:
+            raise TrainingDiverged("non-finite loss at epoch 0 step 3: training stopped.")
+        return {"best_test_acc": 0.5 + cfg.seed / 100, "time_to_acc": {"94%": None}}
+
+    monkeypatch.setattr("fastcifar.train.fit", fake_fit)
+    assert sweep.main([str(tmp_path), "--smoke", "--seeds", "2", "--variants", "fast,lr0.4,cosine"]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [
+        ("fast", 0), ("fast", 1), ("lr0.4", 0), ("cosine", 0), ("lr0.4", 1), ("cosine", 1)]
+    assert [r["error"] for r in result["runs"] if r["variant"] == "lr0.4"] == [
+        "non-finite loss at epoch 0 step 3: training stopped."] * 2
+    assert result["variants"]["lr0.4"]["failed"] == [0, 1] and result["variants"]["lr0.4"]["best_test_acc"] is None
+    assert result["variants"]["cosine"]["best_test_acc"]["mean"] == pytest.approx(0.505)
+    assert "lr0.4 seed 0: failed: non-finite loss" in capsys.readouterr().out
