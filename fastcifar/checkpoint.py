@@ -177,7 +177,8 @@ def restore(session, state: dict, path: Path, world_size: int) -> tuple[int, Bes
     session.model.load_state_dict(state["model"])
     load_optimizer_state(session.optimizer, state["optimizer"])
     session.schedule.load_state_dict(state.get("schedule") or {"step": state["scheduler"]["last_epoch"]})  # fmt 1
-    session.scaler.load_state_dict(state["scaler"])
+    if state.get("scaler"):  # empty when saved without loss scaling (CPU, bf16): a scaler needed now starts fresh
+        session.scaler.load_state_dict(state["scaler"])
     if session.ema is not None:
         session.ema.load_state_dict(state.get("ema") or state["model"])
     set_rng_state(state["rng"])

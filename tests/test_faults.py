@@ -14,10 +14,13 @@ import torch
 
 from support import REPO, tiny_config, without_timings
 from fastcifar import FastCifarError, files
-from fastcifar.checkpoint import save_checkpoint
+from fastcifar.checkpoint import restore, save_checkpoint
+from fastcifar.config import resolve
+from fastcifar.data.cifar import load_dataset
+from fastcifar.distributed import DistInfo
 from fastcifar.cli import main
 from fastcifar.tracking import RunDir
-from fastcifar.train import fit
+from fastcifar.train import build_session, fit
 
 TINY_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "8", "--wandb", "off",
               "--progress", "off", "--no-report"]
@@ -346,3 +349,18 @@ def test_a_run_saved_by_the_first_checkpoint_format_resumes_without_losing_its_b
     carried = torch.load(run / "last.pt", weights_only=False)["best"]
     assert carried["epoch"] == 0 and all(torch.equal(carried["model"][k], v) for k, v in marker.items())
     assert main(["eval", str(run / "best.pt")]) == 0
+
+
+def test_a_run_saved_without_loss_scaling_resumes_where_auto_precision_now_needs_it(tmp_path):
+    """--amp auto is bf16 on most GPUs and fp16 + GradScaler on those without bf16: a run moved between them must
+    resume (the scaler starting fresh), not fail on the empty scaler state it was saved with."""
+    run = tmp_path / "r"
+    fit(tiny_config(run, epochs=2, monitor=False))
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["scaler"] == {}
+    cfg = tiny_config(tmp_path / "other", epochs=2, monitor=False)
+    s = build_session(cfg, DistInfo(), load_dataset("synthetic", synthetic_size=32), resolve(cfg),
+                      notice=lambda text: None)
+    s.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    done, _, _ = restore(s, state, run / "last.pt", world_size=1)
+    assert done == 2 and s.scaler.is_enabled() and s.scaler.get_scale() == 2.0 ** 16
