@@ -103,7 +103,8 @@ CHECKPOINT_FORMAT = 2
 
 @dataclass
 class Best:
-    """The best epoch so far and its weights (a copy on the device: the epoch may not be saved yet)."""
+    """The best epoch so far and a copy of its weights (the epoch may not be saved yet), kept on the host: best.pt
+    then loads on any machine, a GPU-less one included, and the copy takes no GPU memory."""
 
     epoch: int = -1
     acc: float = -1.0
@@ -113,7 +114,7 @@ class Best:
     @classmethod
     def of(cls, session, epoch: int, acc: float) -> Best:
         def clone(state):
-            return {k: v.detach().clone() for k, v in state.items()}
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
         return cls(epoch, acc, clone(session.model.state_dict()),
                    clone(session.ema.model.state_dict()) if session.ema else None)
