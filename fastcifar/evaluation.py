@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from fastcifar import FastCifarError
 from fastcifar import distributed as dist
 from fastcifar.checkpoint import check_compatible, load_checkpoint
 from fastcifar.config import TrainConfig, build_config, resolve
@@ -20,11 +21,15 @@ def evaluate_checkpoint(path, *, tta: str = "off", data_dir=None, download: bool
                         device: str = "auto", batch_size: int | None = None) -> dict:
     """`fastcifar eval`: a checkpoint's weights (its EMA weights when it has them) on the test set it was trained
     for (CIFAR-10, or the same synthetic set)."""
+    if batch_size is not None and batch_size < 1:
+        raise FastCifarError(f"--batch-size must be a positive whole number, got {batch_size}")
     state = load_checkpoint(Path(path))
     saved = {k: v for k, v in (state.get("config") or {}).items() if k in TrainConfig.__dataclass_fields__}
     cfg = build_config(saved.pop("recipe", "worksheet"), **{
         **saved, "data_dir": data_dir or saved.get("data_dir"), "download": download, "test_subset": test_subset,
+        # how it was trained (precision, loader, layout) is this machine's choice now, not the checkpoint's
         "device": device, "eval_batch_size": batch_size, "tta": tta, "compile": "off", "cuda_graphs": "off",
+        "amp": "auto", "loader": "auto", "channels_last": "auto",
         "wandb": "off", "init_from": None, "run_dir": None})
     res = resolve(cfg)
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, None, cfg.test_subset, cfg.synthetic_size, cfg.seed)

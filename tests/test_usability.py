@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from support import REPO, tiny_config
+from fastcifar.checkpoint import save_checkpoint
 from fastcifar.cli import main
 from fastcifar.config import build_config
 from fastcifar.console import epoch_line
@@ -73,6 +74,15 @@ def test_eval_reports_a_checkpoints_accuracy_and_loss(two_epochs, capsys):
     assert re.search(r"test accuracy \d+\.\d\d %, loss \d\.\d{4} over 16 images \| flip TTA: accuracy", out), out
     assert main(["eval", str(two_epochs / "missing.pt")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_eval_takes_its_own_flags_and_this_machines_precision(two_epochs, tmp_path, capsys):
+    assert main(["eval", str(two_epochs / "best.pt"), "--batch-size", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--batch-size must be a positive whole number" in err and "--eval-batch-size" not in err
+    best = torch.load(two_epochs / "best.pt", weights_only=False)  # trained on a GPU with explicit fp16:
+    save_checkpoint(tmp_path / "gpu.pt", {**best, "config": {**best["config"], "amp": "fp16", "loader": "dali"}})
+    assert main(["eval", str(tmp_path / "gpu.pt"), "--device", "cpu"]) == 0, capsys.readouterr().err
 
 
 def test_the_readme_loads_best_pt_in_three_lines(two_epochs):
