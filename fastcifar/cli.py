@@ -32,9 +32,12 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 0,5,10, got {text!r}") from None
 
 
-def _auto_or_int(text: str) -> int | None:
-    if text == "auto":
-        return None
+AUTO = "auto"  # what an `auto` flag parses to: kept apart from an absent flag (None) until run_train
+
+
+def _auto_or_int(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
     try:
         return int(text)
     except ValueError:
@@ -161,7 +164,8 @@ def _resumed_config(run_dir: str, given: dict, recipe: str | None) -> TrainConfi
 def run_train(args: argparse.Namespace) -> int:
     from fastcifar.train import fit
 
-    given = {k: v for k, v in vars(args).items() if k in TRAIN_KEYS and v is not None}
+    # a flag given as `auto` counts as given (on resume it replaces the run's value) and means None (automatic)
+    given = {k: None if v == AUTO else v for k, v in vars(args).items() if k in TRAIN_KEYS and v is not None}
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise FastCifarError(f"--stop-after-epoch must be a positive whole number, got {args.stop_after_epoch}")
     resume = expand_path(args.resume)

@@ -235,7 +235,8 @@ class TrainingRun:
         if planned != self.cfg.epochs:
             steps = len(s.train_loader)
             lr_then, lr_now = s.schedule.lr_at([self.start_epoch * steps])[0], s.schedule.lr_at([0])[0]
-            self.notice(f"extending the run from {planned} to {self.cfg.epochs} epochs: the LR schedule is the one "
+            change = "extending" if self.cfg.epochs > planned else "shortening"
+            self.notice(f"{change} the run from {planned} to {self.cfg.epochs} epochs: the LR schedule is the one "
                         f"planned for {self.cfg.epochs} epochs, so epoch {self.start_epoch} continues at "
                         f"lr {lr_then:.3g} (peak {lr_now:.3g}), where a {self.cfg.epochs}-epoch run would be")
             history = saved.get("extended", []) + [{"from_epochs": planned, "to_epochs": self.cfg.epochs,

@@ -63,6 +63,19 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(two_epochs, tmp_p
     assert json.loads((new / "config.json").read_text())["config"]["init_from"] == str(two_epochs / "best.pt")
 
 
+def test_resume_can_shorten_the_run_and_set_save_every_back_to_auto(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *FLAGS, "--epochs", "4", "--save-every", "2", "--stop-after-epoch", "2",
+                 "--run-dir", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["save_every"] == 2
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--save-every", "auto"]) == 0
+    assert "shortening the run from 4 to 3 epochs" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["epochs"] == 3 and config["save_every"] is None
+    assert [r["epoch"] for r in metrics(run)] == [0, 1, 2]
+
+
 def test_eval_reports_a_checkpoints_accuracy_and_loss(two_epochs, capsys):
     last = metrics(two_epochs)[-1]
     assert main(["eval", str(two_epochs / "last.pt"), "--json"]) == 0
