@@ -112,7 +112,10 @@ class GraphedStep:
             for monitored in self.variants:
                 self.zero_grad()  # grads None: backward allocates them from the graph's pool
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # thread_local: only this thread is held to capture's rules; the DataLoader's pin-memory thread
+                # and DALI's workers go on pinning and querying events meanwhile (in the default "global" mode
+                # their calls would invalidate the capture and fail in their own thread)
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.step(self.static_images, self.static_labels, monitored)
                 self.graphs[monitored] = graph
         except Exception as exc:  # any failure: the uncaptured step, and say why once

@@ -220,11 +220,12 @@ def test_a_capture_failing_after_the_first_graph_drops_both_and_trains_uncapture
     """The monitored graph fails after the plain one was captured: neither is kept, one notice."""
     import contextlib
 
-    captures = []
+    captures, modes = [], []
 
     @contextlib.contextmanager
-    def graph(g):
+    def graph(g, **options):
         captures.append(g)
+        modes.append(options.get("capture_error_mode"))
         if len(captures) == 2:
             raise RuntimeError("operation not permitted when stream is capturing")
         yield
@@ -239,6 +240,7 @@ def test_a_capture_failing_after_the_first_graph_drops_both_and_trains_uncapture
                             notices.append, warmup_steps=0)
     run_steps(s, batches(s, 2))
     assert len(captures) == 2 and len(notices) == 1 and not s.stepper.graphs and not s.stepper.captured
+    assert modes == ["thread_local"] * 2  # loader threads (pin memory, DALI) may call CUDA during a capture
     assert s.stepper.ready and s.stepper.static_images is None
 
 
