@@ -25,14 +25,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup() -> DistInfo:
-    """Reads torchrun's environment; a plain `fastcifar train` is world size 1 and touches nothing."""
+def setup(device: str = "auto") -> DistInfo:
+    """Reads torchrun's environment; a plain `fastcifar train` is world size 1 and touches nothing. The backend
+    follows the device the run trains on (--device cpu on a GPU machine: gloo, as NCCL has no CPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend)

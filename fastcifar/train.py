@@ -265,7 +265,7 @@ def fit(cfg: TrainConfig, *, resume_dir=None, init_from=None, stop_after_epoch: 
         loss_fn: Callable | None = None) -> dict:
     """Train per `cfg`, continue the run in `resume_dir`, or start from the weights of `init_from`; returns the
     summary (rank 0; {} on the others). Nothing is written until every check has passed."""
-    info = dist.setup()
+    info = dist.setup(cfg.device)
     try:
         with TrainingRun.open(cfg, info, resume_dir=resume_dir, init_from=init_from,
                               stop_after_epoch=stop_after_epoch) as run:

@@ -27,3 +27,23 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert row["train_images"] == 64  # 2 ranks x 4 steps x 8 images: every image once per epoch
     assert "ddp x2" in row["active"]
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
+def test_the_process_group_backend_follows_the_training_device(device, backend, monkeypatch):
+    """--device cpu under torchrun on a GPU machine: gloo (NCCL has no CPU tensors); otherwise NCCL on a GPU."""
+    import torch
+
+    from fastcifar import distributed
+
+    chosen, devices = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", chosen.append)
+    info = distributed.setup(device)
+    assert (info.rank, info.world_size, info.local_rank) == (0, 2, 1)
+    assert chosen == [backend] and devices == ([1] if backend == "nccl" else [])
