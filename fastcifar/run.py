@@ -88,8 +88,14 @@ class TrainingRun:
                 run._on_main(run._refuse_a_used_directory)
             if init_from:
                 run.init_state = load_checkpoint(Path(init_from))
-            run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset, cfg.test_subset,
-                                       cfg.synthetic_size, cfg.seed)
+            def load():
+                run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset,
+                                           cfg.test_subset, cfg.synthetic_size, cfg.seed)
+
+            run.dataset = None
+            run._on_main(load)  # rank 0 first: a missing CIFAR-10 is downloaded once, not by every rank at once
+            if run.dataset is None:
+                load()
             run._check_sizes()
         except BaseException:
             run.dir.unlock()

@@ -2,6 +2,7 @@
 
 import io
 import pickle
+import shutil
 import tarfile
 import warnings
 
@@ -132,6 +133,21 @@ def test_download_checks_md5_then_unpacks(fake_cifar, tmp_path, monkeypatch, htt
     with pytest.warns(UserWarning, match="md5"):
         ds = load_cifar10(tmp_path / "cache", download=True)
     assert len(ds.train_labels) == 50_000
+
+
+def test_a_download_finished_first_by_another_process_is_kept(fake_cifar, tmp_path, monkeypatch, http_server):
+    """Ranks on several nodes sharing one folder may download at once: the first unpacked folder stays, in use
+    by its reader; the later one is dropped, not swapped in underneath it."""
+    root, base = http_server
+    archive = root / "cifar-10-python.tar.gz"
+    archive.write_bytes(_archive_of(fake_cifar / "cifar-10-batches-py"))
+    monkeypatch.setattr(cifar, "CIFAR10_ARCHIVE_MD5", cifar._md5(archive))
+    first = tmp_path / "cache" / "cifar-10-batches-py"
+    shutil.copytree(fake_cifar / "cifar-10-batches-py", first)
+    (first / "opened-by-another-rank").write_text("")
+    cifar.download_cifar10(tmp_path / "cache", f"{base}/cifar-10-python.tar.gz")
+    assert (first / "opened-by-another-rank").exists() and (first / "test_batch").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["cifar-10-batches-py"]  # no temp folder left
 
 
 def test_balanced_subset_is_seeded_and_balanced():

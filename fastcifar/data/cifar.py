@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -127,9 +126,11 @@ def download_cifar10(data_dir: Path, url: str | None = None) -> None:
                                  f"the download is corrupt or not CIFAR-10. Nothing was kept; try again.")
         extract_archive(str(archive), tmp)
         target = data_dir / BATCH_DIR
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(Path(tmp) / BATCH_DIR, target)
+        try:
+            os.replace(Path(tmp) / BATCH_DIR, target)
+        except OSError:
+            if not target.is_dir():  # else another process (a rank on another node) unpacked the same archive first
+                raise
 
 
 def load_cifar10(data_dir: str | Path | None = None, download: bool = True) -> Dataset:
