@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastcifar import TrainingDiverged
+from fastcifar import FastCifarError, TrainingDiverged
 from fastcifar import distributed as dist
 from fastcifar.config import Resolved, TrainConfig
 from fastcifar.cuda_graphs import EagerStep, GraphedStep
@@ -84,9 +84,24 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
     data_dtype = res.amp_dtype or torch.float32  # the loader casts once; autocast then keeps it
     common = dict(device=res.device, dtype=data_dtype, channels_last=res.channels_last, rank=info.rank,
                   world_size=info.world_size)
-    train_loader = make_train_loader(res.loader, ds.train_images, ds.train_labels, cfg.batch_size, seed=cfg.seed,
-                                     num_workers=cfg.num_workers, augment=parse_augment(cfg.augment), **common)
-    eval_loader = make_eval_loader(res.loader, ds.test_images, ds.test_labels, res.eval_batch_size, **common)
+
+    def loaders(kind):
+        return (make_train_loader(kind, ds.train_images, ds.train_labels, cfg.batch_size, seed=cfg.seed,
+                                  num_workers=cfg.num_workers, augment=parse_augment(cfg.augment), **common),
+                make_eval_loader(kind, ds.test_images, ds.test_labels, res.eval_batch_size, **common))
+
+    try:
+        train_loader, eval_loader = loaders(res.loader)
+    except Exception as exc:  # DALI imports but cannot start here (e.g. a wheel for a newer CUDA than the driver)
+        if res.loader != "dali":
+            raise
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
+        if cfg.loader == "dali":
+            raise FastCifarError(f"--loader dali: DALI failed to start on {res.device} ({why}); use --loader torch, "
+                                 f"or a DALI wheel for this machine's CUDA driver.") from None
+        notice(f"loader: torch (GPU-resident torch ops), not DALI: DALI failed to start ({why})")
+        res.loader = "torch"
+        train_loader, eval_loader = loaders(res.loader)
     steps = len(train_loader)
     optimizer = build_optimizer(cfg, model, res.device, capturable=res.cuda_graphs)
     schedule = LRSchedule(optimizer, cfg.scheduler, cfg.epochs * steps, round(cfg.warmup_epochs * steps))

@@ -475,3 +475,32 @@ def test_batches_stay_correct_on_a_busy_gpu(kind):
                 break
             batch, batch_labels = batch.cpu(), batch_labels.cpu()
             identify(batch, reference[batch_labels], torch.bfloat16)  # asserts each image is a legal variant
+
+
+@pytest.mark.parametrize("asked", ["auto", "dali"])
+def test_dali_that_imports_but_cannot_start_falls_back_under_auto_and_is_one_error_when_asked(asked, monkeypatch):
+    """E.g. a DALI wheel built for a newer CUDA than the driver: `import nvidia.dali` works, building fails."""
+    from fastcifar import FastCifarError
+    from fastcifar.config import build_config, resolve
+    from fastcifar.data import dali
+    from fastcifar.data.cifar import load_dataset
+    from fastcifar.distributed import DistInfo
+    from fastcifar.train import build_session
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(dali, "DaliTrainLoader", broken)
+    cfg = build_config(dataset="synthetic", synthetic_size=32, batch_size=8, wandb="off", loader=asked)
+    res = resolve(cfg) if asked == "dali" else resolve(build_config(dataset="synthetic", loader="torch"))
+    res.loader = "dali"  # what auto resolves to on a CUDA machine where DALI imports
+    notices = []
+    ds = load_dataset("synthetic", synthetic_size=32)
+    if asked == "dali":
+        with pytest.raises(FastCifarError, match="--loader dali: DALI failed to start .*driver version"):
+            build_session(cfg, DistInfo(), ds, res, notice=notices.append)
+        return
+    s = build_session(cfg, DistInfo(), ds, res, notice=notices.append)
+    assert res.loader == "torch" and type(s.train_loader).__name__ == "TorchTrainLoader"
+    assert notices == ["loader: torch (GPU-resident torch ops), not DALI: DALI failed to start (RuntimeError: CUDA "
+                       "driver version is insufficient for CUDA runtime version)"]
