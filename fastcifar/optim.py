@@ -151,8 +151,11 @@ class WeightEMA:
         torch = self._torch
         with torch.no_grad():
             decay = torch.clamp((1.0 + self.count) / (10.0 + self.count), max=self.decay)
-            torch._foreach_mul_(self._ema, decay)  # ema = decay * ema + (1 - decay) * live
-            torch._foreach_addcmul_(self._ema, self._live, [1.0 - decay] * len(self._ema))
+            # ema = decay * ema + (1 - decay) * live, with the 0-dim device tensor as the scalar of each foreach
+            # op: one fused kernel per op (a list of 0-dim tensors instead would not match the parameters' shapes
+            # and fall back to one kernel per tensor)
+            torch._foreach_mul_(self._ema, decay)
+            torch._foreach_add_(self._ema, torch._foreach_mul(self._live, 1.0 - decay))
             torch._foreach_copy_(self._ema_other, self._live_other)
             self.count.add_(1)
 

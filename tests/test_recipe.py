@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from support import REPO, TINY, tiny_config
 from fastcifar import TrainingDiverged
@@ -87,6 +88,36 @@ def test_the_ema_follows_its_recurrence_with_a_warm_up_and_is_what_evaluation_us
             expected[k] = decay * expected[k] + (1 - decay) * v if v.is_floating_point() else v.clone()
     for k, v in s.ema.model.state_dict().items():
         assert torch.allclose(v, expected[k], rtol=1e-5, atol=1e-7), k
+
+
+class ForeachCalls(TorchDispatchMode):
+    """Every foreach op dispatched, with its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("_foreach"):
+            self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_ema_update_is_a_few_fused_foreach_ops_with_a_tensor_scalar():
+    """A foreach op runs as one fused kernel per launch only when each of its tensor lists matches the first one's
+    shapes; a list of 0-dim scalars does not, and CUDA falls back to one kernel per tensor. The decay must be a
+    single device tensor (capturable, no host read), never a Python number or a list of 0-dim tensors."""
+    s, _ = session(ema=0.9)
+    with ForeachCalls() as seen:
+        s.ema.update()
+    assert 2 <= len(seen.calls) <= 4  # independent of the number of parameters
+    for func, args in seen.calls:
+        shapes = [t.shape for t in args[0]]
+        for arg in args[1:]:
+            if isinstance(arg, (list, tuple)):
+                assert [t.shape for t in arg] == shapes, func  # same shapes: the fused path
+            elif func.__name__.split(".")[0] in ("_foreach_mul_", "_foreach_mul"):
+                assert isinstance(arg, torch.Tensor) and arg.dim() == 0, func  # the decay: a device tensor
 
 
 @pytest.fixture(scope="module")
