@@ -20,14 +20,20 @@ What capture needs, and how it is met:
   device tensors (train.train_step);
 - warm-up on a side stream before capture (torch.compile's first compilation, cuDNN autotuning, lazy CUDA
   handles): the first WARMUP_STEPS steps are real training steps run eagerly there, so nothing is wasted and
-  the result is the same as an uncaptured run's;
+  the result is the same as an uncaptured run's. Every variant runs at least once before any capture (a
+  monitored step may run where an unmonitored one was asked: it computes the same update), so no kernel is
+  launched for the first time under capture, whatever order the caller asks for the variants in;
 - two graphs, one without and one with the monitor's per-layer statistics (see monitor.py): sampled steps
   replay the second one, so gradient flow is recorded on the captured path too. Each graph has its own memory
   pool, since they are replayed in any order.
 - GradScaler (fp16) needs host decisions and DDP needs its own capture protocol: the trainer turns graphs off
   for both (config.resolve), with a notice.
 
-If capture raises, one notice is printed and the step runs uncaptured from then on.
+If capture raises, one notice naming the root cause is printed and the step runs uncaptured from then on. The
+capture is done by hand rather than with torch.cuda.graph(): when capture_end() raises (it does after any error
+inside the capture), graph.__exit__ never leaves its stream context, so the capture stream would stay current
+for the rest of the run, and its error ("operation failed due to a previous error during capture") would hide
+the one that caused it.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class GraphedStep:
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self.static_images = self.static_labels = None
         self.failed: str | None = None
+        self.warmed: set[bool] = set()  # the variants that have run eagerly
         self.side_stream = None  # one stream for the warm-up steps: memory freed on it stays usable
 
     @property
@@ -84,9 +91,13 @@ class GraphedStep:
         if self.failed is not None:
             self.step(images, labels, monitored)
             return
-        if self.calls < self.warmup_steps:
+        missing = [v for v in self.variants if v not in self.warmed]
+        if self.calls < self.warmup_steps or missing:
             self.calls += 1
+            if not monitored and True in missing and self.calls >= self.warmup_steps:
+                monitored = True  # the monitored variant has not run yet: its last chance before capture
             self._warmup(images, labels, monitored)
+            self.warmed.add(monitored)
             return
         if self._capture(images, labels):
             self(images, labels, monitored)
@@ -109,15 +120,14 @@ class GraphedStep:
         try:
             self.static_images = images.clone()  # clone keeps the memory format (channels_last)
             self.static_labels = labels.clone()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # what torch.cuda.graph() does first: freed blocks go back before the pools
             for monitored in self.variants:
                 self.zero_grad()  # grads None: backward allocates them from the graph's pool
                 graph = torch.cuda.CUDAGraph()
-                # thread_local: only this thread is held to capture's rules; the DataLoader's pin-memory thread
-                # and DALI's workers go on pinning and querying events meanwhile (in the default "global" mode
-                # their calls would invalidate the capture and fail in their own thread)
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.step(self.static_images, self.static_labels, monitored)
+                self._capture_one(graph, monitored)
                 self.graphs[monitored] = graph
+            torch.cuda.synchronize()
         except Exception as exc:  # any failure: the uncaptured step, and say why once
             self.graphs.clear()
             self.static_images = self.static_labels = None
@@ -125,6 +135,25 @@ class GraphedStep:
             self.notice(f"note: CUDA graph capture failed ({self.failed[:200]}); the training step runs "
                         f"uncaptured (correct, slower at small batches). --cuda-graphs off silences this.")
             return False
-        finally:
-            torch.cuda.synchronize()
         return True
+
+    def _capture_one(self, graph, monitored: bool) -> None:
+        """Capture one variant on the side stream; whatever happens, the caller's stream is current again after,
+        and what raises is the first error (the step's), not capture_end's consequence of it."""
+        previous = torch.cuda.current_stream()
+        self.side_stream.wait_stream(previous)
+        with torch.cuda.stream(self.side_stream):  # a context manager: left on any exit
+            # thread_local: only this thread is held to capture's rules; the DataLoader's pin-memory thread
+            # and DALI's workers go on pinning and querying events meanwhile (in the default "global" mode
+            # their calls would invalidate the capture and fail in their own thread)
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.step(self.static_images, self.static_labels, monitored)
+            except BaseException:
+                try:
+                    graph.capture_end()  # ends the (invalidated) capture; its own error is only a consequence
+                except Exception:
+                    pass
+                raise
+            graph.capture_end()
+        previous.wait_stream(self.side_stream)
