@@ -477,6 +477,34 @@ def test_batches_stay_correct_on_a_busy_gpu(kind):
             identify(batch, reference[batch_labels], torch.bfloat16)  # asserts each image is a legal variant
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_evidence.sh)")
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_fp32_batches_kept_on_a_busy_gpu_unsynchronised_stay_correct(kind):
+    """The test above syncs after every batch (.cpu()), which hides an output-buffer race: a buffer that a later
+    step overwrites (or the allocator hands out again) before the consumer read it. Here a whole epoch's fp32
+    batches stay on the device, with matmuls queued between steps and nothing synchronised, and every batch is
+    checked only after the epoch against what the epoch plan says each image is (cutout included)."""
+    from fastcifar.data.augment import parse_augment
+
+    _require(kind)
+    images, labels = random_set(1024, seed=10)
+    loader = make_train_loader(kind, images, labels, 128, "cuda", torch.float32, True, seed=5,
+                               augment=parse_augment("crop,flip,cutout=8"))
+    busy = torch.randn(4096, 4096, device="cuda")
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        kept = []
+        for batch, batch_labels in loader:
+            for _ in range(4):  # work queued on torch's stream between the steps, as a training step would
+                busy = (busy @ busy).tanh_()
+            kept.append((batch, batch_labels))
+        want = plan_reference(images, loader.epoch_plan(epoch), len(kept) * 128, PAD)
+        got = torch.cat([b for b, _ in kept]).float().cpu()
+        assert torch.equal(torch.cat([y for _, y in kept]).cpu(), torch.from_numpy(labels[loader.epoch_plan(
+            epoch).order[:len(got)]]))
+        assert (got - want).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("asked", ["auto", "dali"])
 def test_dali_that_imports_but_cannot_start_falls_back_under_auto_and_is_one_error_when_asked(asked, monkeypatch):
     """E.g. a DALI wheel built for a newer CUDA than the driver: `import nvidia.dali` works, building fails."""
