@@ -532,3 +532,52 @@ def test_dali_that_imports_but_cannot_start_falls_back_under_auto_and_is_one_err
     assert res.loader == "torch" and type(s.train_loader).__name__ == "TorchTrainLoader"
     assert notices == ["loader: torch (GPU-resident torch ops), not DALI: DALI failed to start (RuntimeError: CUDA "
                        "driver version is insufficient for CUDA runtime version)"]
+
+
+@pytest.mark.parametrize("asked", ["auto", "dali"])
+def test_dali_that_builds_but_fails_on_its_first_run_falls_back_at_start_up(asked, monkeypatch):
+    """The pipeline builds, then its first run fails (an allocation, the driver): the start-up probe finds it
+    when the loaders are made, so auto falls back with one notice and --loader dali is one error, before any
+    epoch starts."""
+    _require("dali")
+    from nvidia.dali.pipeline import Pipeline
+
+    from fastcifar.config import build_config, resolve
+    from fastcifar.data.cifar import load_dataset
+    from fastcifar.distributed import DistInfo
+    from fastcifar.train import build_session
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CUDA allocation failed: out of memory")
+
+    monkeypatch.setattr(Pipeline, "run", broken)
+    cfg = build_config(dataset="synthetic", synthetic_size=32, batch_size=8, wandb="off", loader=asked)
+    res = resolve(cfg)
+    res.loader = "dali"  # what auto resolves to on a CUDA machine where DALI imports
+    notices = []
+    ds = load_dataset("synthetic", synthetic_size=32)
+    if asked == "dali":
+        with pytest.raises(FastCifarError, match="--loader dali: DALI failed to start .*out of memory"):
+            build_session(cfg, DistInfo(), ds, res, notice=notices.append)
+        return
+    s = build_session(cfg, DistInfo(), ds, res, notice=notices.append)
+    assert res.loader == "torch" and type(s.train_loader).__name__ == "TorchTrainLoader"
+    assert len(notices) == 1 and "DALI failed to start (RuntimeError: CUDA allocation failed" in notices[0]
+
+
+def test_dali_produces_one_batch_ahead_without_changing_the_batches(monkeypatch):
+    """Overlap: when batch N is handed over, batch N+1 has already been fed and run; the batches are the same."""
+    _require("dali")
+    from fastcifar.data import dali
+
+    images, labels = random_set(128, seed=3)
+    loader = train_loader("dali", images, labels, 32, seed=2)
+    expected = _epoch(train_loader("torch", images, labels, 32, seed=2), 1)
+    runs = []
+    original = dali._DaliRunner.__call__
+    monkeypatch.setattr(dali._DaliRunner, "__call__", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+    loader.set_epoch(1)
+    for step, (batch, batch_labels) in enumerate(loader):
+        assert len(runs) == min(step + 2, len(loader))  # this batch's run and the next one's
+        assert torch.equal(batch_labels, expected[step][1])
+        assert (batch - expected[step][0]).abs().max().item() <= 1e-5

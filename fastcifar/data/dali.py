@@ -25,6 +25,16 @@ crop_pos = k/2p gives exactly the integer offsets 0..2p of torchvision's RandomC
 p = 1..8), and since the zeros are padded in pixel space before normalisation, a padded pixel comes out as
 (0 - mean)/std, as in torchvision.
 
+Overlap: the train loader produces one batch ahead. Step N+1's gather and DALI feed/run are issued before step N
+is handed over, so the host's per-step DALI work (the feed_input calls and run(), which blocks the host until
+the iteration is scheduled) happens while the GPU still runs step N-1, and DALI's kernels for N+1 run on DALI's
+stream alongside step N's instead of in the gap between two steps. The batches and their order are unchanged.
+
+Start-up probe: each loader pushes one batch through feed -> run -> DLPack -> sync when it is made, so a DALI
+that builds but cannot run here (a driver too old for the wheel, an allocation failure) fails at once, where the
+trainer can fall back to the torch loader (--loader auto) or stop with one message (--loader dali), and never in
+the middle of the first epoch.
+
 Randomness: the epoch plan (plan.py) is drawn on the host from (seed, epoch) and fed as per-sample argument
 inputs (DALI wants argument inputs in CPU memory even for a GPU operator, and they are a few numbers per image),
 so the DALI and torch loaders produce the same batches. DALI's own fn.random ops are not used: their state
@@ -123,6 +133,22 @@ class _DaliRunner:
             batch = batch.to(self.dtype)  # bfloat16 only; .to keeps the channels_last strides
         return batch
 
+    def probe(self, images_hwc_uint8: torch.Tensor, spec: AugmentSpec | None) -> None:
+        """One batch through feed -> run -> DLPack, waited for: raises whatever stops DALI from running here."""
+        n = len(images_hwc_uint8)
+        args = {}
+        if spec and spec.pad:
+            args["crop_pos_x"] = args["crop_pos_y"] = np.zeros(n, dtype=np.float32)
+        if spec and spec.flip:
+            args["mirror"] = np.zeros(n, dtype=np.int32)
+        if spec and spec.cutout:
+            args["cutout_anchor"] = args["cutout_shape"] = np.zeros((n, 2), dtype=np.float32)
+        batch = self(images_hwc_uint8, **args)
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+        if batch.shape != (n, 3, SIZE, SIZE):
+            raise RuntimeError(f"DALI start-up check: a batch came out as {tuple(batch.shape)}")
+
     def _to_torch(self, out) -> torch.Tensor:
         # Every sample has the same shape, so the TensorList is a dense tensor and as_tensor() is a view of it
         # (DALI's own PyTorch iterator does the same). Zero-copy: with the dynamic executor DALI's output buffers
@@ -154,8 +180,12 @@ class DaliTrainLoader(PlannedTrainLoader):
         del raw
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.dtype, self.channels_last = dtype, channels_last
+        self.runner.probe(self.padded[torch.arange(batch_size, device=self.device) % len(images)], augment)
 
     def _batches(self, plan: EpochPlan):
+        return _one_ahead(self._planned_batches(plan))
+
+    def _planned_batches(self, plan: EpochPlan):
         order_dev = torch.from_numpy(plan.order).to(self.device)
         args = {}
         if self.spec.pad:  # crop_pos k/2p: k/2p * 2p == k for the crop offsets 0..2p
@@ -188,6 +218,7 @@ class DaliEvalLoader:
         self.images = torch.from_numpy(images).to(self.device)  # (N, 32, 32, 3) uint8, moved once
         self.labels = torch.from_numpy(labels).to(self.device)
         self.batch_size, self.dtype, self.channels_last = batch_size, dtype, channels_last
+        self.runner.probe(next(eval_batches(self.images, self.labels, self.batch_size))[0], None)
 
     def __len__(self) -> int:
         return -(-self.num_images // self.batch_size)
@@ -195,3 +226,13 @@ class DaliEvalLoader:
     def __iter__(self):
         for images, labels in eval_batches(self.images, self.labels, self.batch_size):
             yield self.runner(images), labels
+
+
+def _one_ahead(batches):
+    """Yield each item of `batches` only after the next one has been produced (see Overlap above)."""
+    end = object()
+    pending = next(batches, end)
+    while pending is not end:
+        following = next(batches, end)
+        yield pending
+        pending = following
