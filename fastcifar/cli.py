@@ -32,6 +32,19 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 0,5,10, got {text!r}") from None
 
 
+DEFAULT_PROFILE_STEPS = 10  # fastcifar.profiling.DEFAULT_STEPS (not imported: it loads torch)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of steps, got {text!r}")
+    return value
+
+
 AUTO = "auto"  # what an `auto` flag parses to: kept apart from an absent flag (None) until run_train
 
 
@@ -119,6 +132,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "training time since the last save")
     g.add_argument("--stop-after-epoch", type=int, metavar="K",
                    help="stop once K epochs of the schedule are done (resume later with --resume)")
+    g.add_argument("--profile", type=_positive_int, nargs="?", const=DEFAULT_PROFILE_STEPS, metavar="STEPS",
+                   help=f"record torch.profiler over STEPS training steps after the warm-up (default "
+                        f"{DEFAULT_PROFILE_STEPS}) into RUN_DIR/profile/: a trace for Perfetto, chrome://tracing or "
+                        f"TensorBoard, and profile.txt (top kernels, host and device time per step)")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -173,7 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
     cfg = _resumed_config(resume, given, args.recipe) if resume else build_config(args.recipe or "worksheet", **given)
     summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
-                  stop_after_epoch=args.stop_after_epoch)
+                  stop_after_epoch=args.stop_after_epoch, profile=args.profile)
     return summary.get("exit_code", 0) if summary else 0
 
 

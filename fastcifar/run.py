@@ -429,6 +429,8 @@ class TrainingRun:
         print()
         print(f"{'Results' if finished else 'Stopped early: results so far'} — {self.dataset.description}")
         print(summary_table(summary))
+        if summary.get("profile"):
+            print(f"profile: {summary['profile']['table']} and {summary['profile']['trace']}")
         if self.target_epoch is not None:
             print(f"target test accuracy {100 * self.cfg.target_acc:g}% reached at epoch {self.target_epoch}: "
                   f"stopped")
@@ -459,6 +461,9 @@ class TrainingRun:
                    "train_flops_per_image": self.flops_per_image,
                    "last_pt": str(self.dir.file("last.pt")) if self.saved_through >= 0 else None,
                    "best_pt": str(self.dir.file("best.pt")) if self.best_written >= 0 else None}
+        profiler = getattr(self.session, "profiler", None)
+        if profiler is not None:  # --profile: where the trace and table are (None: too few steps to profile)
+            summary["profile"] = profiler.files
         perf = flops.throughput(summary["mean_train_images_per_s"], self.flops_per_image, self.res.device.type,
                                 self.peak, self.info.world_size)
         return {**summary, **{f"mean_{k}": v for k, v in perf.items()}}

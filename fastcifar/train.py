@@ -27,6 +27,7 @@ from fastcifar.data.plan import IGNORE_LABEL, EvalLoader, TrainLoader
 from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import LayerMonitor
 from fastcifar.optim import LRSchedule, WeightEMA, build_optimizer
+from fastcifar.profiling import StepProfiler
 from fastcifar.run import TrainingRun
 
 
@@ -56,6 +57,7 @@ class Session:
     step_index: torch.Tensor  # () the step of the epoch, on the device: where the step writes
     stepper: EagerStep | GraphedStep | None = None
     stop_requested: Callable[[], bool] = lambda: False  # set by the run: a signal asked to stop at a step boundary
+    profiler: StepProfiler | None = None  # --profile: called after every step until it has written its files
     eval_warmed: bool = field(default=False)  # evaluated once: a compiled eval model has compiled
 
     def autocast(self):
@@ -201,6 +203,8 @@ def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
     for step, (images, labels) in enumerate(loader):
         monitored = s.monitor is not None and s.monitor.should_sample(epoch, step)
         s.stepper(images, labels, monitored)
+        if s.profiler is not None:
+            s.profiler.after_step(s.stepper.ready)
         if warming and s.stepper.ready:
             s.sync()
             compile_s, warming = time.perf_counter() - warm_start, False
@@ -211,6 +215,8 @@ def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
         if s.stop_requested():
             return None
 
+    if s.profiler is not None:
+        s.profiler.end_epoch()
     if warming:  # an epoch shorter than the warm-up: all of it was warm-up
         s.sync()
         compile_s = time.perf_counter() - warm_start
@@ -277,15 +283,19 @@ def _sync(device: torch.device) -> None:
 
 
 def fit(cfg: TrainConfig, *, resume_dir=None, init_from=None, stop_after_epoch: int | None = None,
-        loss_fn: Callable | None = None) -> dict:
+        loss_fn: Callable | None = None, profile: int | None = None) -> dict:
     """Train per `cfg`, continue the run in `resume_dir`, or start from the weights of `init_from`; returns the
-    summary (rank 0; {} on the others). Nothing is written until every check has passed."""
+    summary (rank 0; {} on the others). Nothing is written until every check has passed. `profile`: profile that
+    many steps after the warm-up into RUN_DIR/profile/ (profiling.py; rank 0)."""
     info = dist.setup(cfg.device)
     try:
         with TrainingRun.open(cfg, info, resume_dir=resume_dir, init_from=init_from,
                               stop_after_epoch=stop_after_epoch) as run:
             s = build_session(run.cfg, info, run.dataset, run.res, loss_fn=loss_fn, notice=run.notice)
             run.start(s)  # run directory and lock, restored state, header, W&B
+            if profile and info.is_main:
+                s.profiler = StepProfiler(run.dir.path / "profile", profile, run.res.device, notice=run.notice,
+                                          describe=f"batch {cfg.batch_size}, {run.active}")
             for epoch in run.epochs():
                 clock = run.clock()
                 train = train_one_epoch(s, epoch, run.progress(epoch))
