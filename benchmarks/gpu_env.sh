@@ -1,4 +1,4 @@
-# Sourced by gpu_check.sh and gpu_sweep.sh (bash): step bookkeeping with time limits, what the GPU machines lack
+# Sourced by gpu_evidence.sh and gpu_sweep.sh (bash): step bookkeeping with time limits, what the GPU machines lack
 # installed from the folders ../shared/tools/device-pack.sh makes, and CIFAR-10 built from .gpu/.
 # Expects OUT (an absolute output folder) and REPO; sets PY, ASSETS, DATA_DIR, DEADLINE, PYTHONPATH.
 PY=${PYTHON:-python3} ASSETS=${GPU_CHECK_ASSETS:-$REPO/.gpu} STEPS=$OUT/.steps.tsv
@@ -8,12 +8,14 @@ log() { echo "[$(basename "$0") $(date +%T) +${SECONDS}s] $*"; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$STEPS"; log "$1: $2 ${4:-}"; }
 # budget WANT RESERVE: WANT seconds, or what is left before DEADLINE minus RESERVE for the steps after this one
 budget() { local b=$(($1 < DEADLINE - SECONDS - $2 ? $1 : DEADLINE - SECONDS - $2)); echo $((b > 0 ? b : 0)); }
-# run NAME LIMIT CMD...: SIGINT at the limit, SIGKILL 20 s later; the status goes to the summary.
+# run NAME LIMIT CMD...: SIGINT before the limit, SIGKILL at it (the grace to stop cleanly, a sixth of the limit
+# up to 15 s, is inside LIMIT, so budgets add up); the status goes to the summary.
 run() {
-  local name=$1 limit=$2 start=$SECONDS rc; shift 2
+  local name=$1 limit=$2 start=$SECONDS rc grace; shift 2
   if [ "$limit" -lt 10 ]; then record "$name" skipped 0 "no time left in the budget"; return 1; fi
+  grace=$((limit / 6 < 15 ? limit / 6 : 15))
   log "$name: start (limit ${limit}s)"
-  timeout -s INT -k 20 "$limit" "$@"; rc=$?
+  timeout -s INT -k "$grace" $((limit - grace)) "$@"; rc=$?
   case $rc in
     0) record "$name" ok $((SECONDS - start)) ;;
     124|130|137) record "$name" timeout $((SECONDS - start)) "stopped at the ${limit}s limit" ;;

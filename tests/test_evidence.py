@@ -1,0 +1,87 @@
+"""benchmarks/gpu_evidence.sh, the one-command GPU evidence run: its plumbing at tiny sizes on the CPU (every
+stage, in about a minute of CPU time), and the summary it builds from the stages' files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import evidence_summary  # noqa: E402
+
+STAGES = ["env", "correctness", "worksheet", "benchmarks", "profile_b128", "profile_b512"]
+
+
+def evidence(out, *args, **env):
+    return subprocess.run(["bash", "benchmarks/gpu_evidence.sh", str(out), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "EVIDENCE_SMOKE": "1", "PYTHON": sys.executable,
+                                                       "GPU_CHECK_ASSETS": str(out / "no-assets"), **env})
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evidence")
+    result = evidence(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, json.loads((out / "summary.json").read_text()), result.stdout
+
+
+def test_the_smoke_run_passes_every_stage_and_writes_the_summary(smoke):
+    out, summary, stdout = smoke
+    stages = summary["stages"]
+    assert all(stages[name]["status"] == "ok" for name in STAGES), stages
+    fast = [name for name in stages if name.startswith("fast")]  # one process with --seeds, else one per seed
+    assert fast and all(stages[n]["status"] in ("ok", "missing") for n in fast), stages
+    assert summary["smoke"] and summary["env"]["torch"] and summary["flops"]["forward_backward_flops"] == 3328997376
+    assert summary["correctness"]["failed"] == 0 and summary["correctness"]["passed"] + summary["correctness"][
+        "skipped"] >= 5  # the CUDA-only tests: skipped here, run on a GPU
+    assert summary["train"]["worksheet"]["epochs_done"] == 2
+    seeds = summary["train"]["fast"]["seeds"]
+    assert sorted(seeds) == ["seed-0", "seed-1", "seed-2"] and summary["train"]["fast"]["best_tta"]["n"] == 3
+    assert any(name.startswith("test_step[eager") for name in summary["benchmarks"])
+    for batch in (128, 512):
+        assert summary["profiles"][f"profile-b{batch}"]["steps"] == 2
+        assert (out / f"profile-b{batch}" / "profile" / "profile.txt").exists()
+    assert not list(out.rglob("*.pt"))  # checkpoints are dropped: what comes back from a GPU machine is small
+    md = (out / "summary.md").read_text()
+    assert "| claim | measured | verdict |" in md and "SMOKE" in md and md in stdout
+    for claim in summary["claims"]:
+        assert f"| {claim['claim']} | {claim['measured']} | {claim['verdict']} |" in md
+
+
+def test_an_unknown_stage_is_one_error(tmp_path):
+    result = evidence(tmp_path, "--from", "everything")
+    assert result.returncode == 2 and "unknown stage everything" in result.stderr
+
+
+def test_the_summary_judges_each_claim_from_the_files(tmp_path):
+    """Made-up stage files (the numbers are not measurements): the verdicts follow the targets, and a stage that
+    has not run yet is "not run", not an error."""
+    (tmp_path / "env.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "commit": "abc1234"}))
+    empty = evidence_summary.summarise(tmp_path)
+    assert {c["measured"] for c in empty["claims"][:4]} == {"not run"}
+    records = [("test_epoch[batch128-torch]", 0.90), ("test_epoch[batch128-dali]", 0.95),
+               ("test_epoch[batch512-torch]", 0.52), ("test_epoch[batch512-dali]", 0.50)]
+    (tmp_path / "benchmarks.jsonl").write_text("".join(
+        json.dumps({"name": name, "extra_info": {"seconds_median": s}}) + "\n" for name, s in records))
+    for seed, accs in enumerate([[0.93, 0.941], [0.935, 0.945], [0.92, 0.939]]):
+        run = tmp_path / "run-fast" / f"seed-{seed}"
+        run.mkdir(parents=True)
+        rows = [{"epoch": e, "test_acc": a - 0.002, "test_acc_tta": a, "train_loss": 1.0, "train_acc": 0.9,
+                 "epoch_time_s": 1.0, "train_time_s": 0.9, "elapsed_s": e + 1.0, "elapsed_train_s": e + 0.9,
+                 "train_images_per_s": 5e4} for e, a in enumerate(accs)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "summary.json").write_text(json.dumps({"headline": "flip TTA", "finished": True}))
+    claims = {c["claim"]: c for c in evidence_summary.summarise(tmp_path)["claims"]}
+    fast = claims["fast recipe: 94 % test accuracy (flip TTA), mean of 3 seeds, in ≤ 15 epochs"]
+    assert fast["verdict"] == "met" and "mean 94.17 %" in fast["measured"]  # (0.941 + 0.945 + 0.939) / 3
+    assert "seed-2 93.90 % (93.70 % no TTA; 94 % not reached)" in fast["measured"]
+    assert "seed-0 94.10 % (93.90 % no TTA; 94 % at epoch 1, 1.90 s of training)" in fast["measured"]
+    assert claims["training epoch at batch 128 ≤ 1.0 s (steady)"]["verdict"] == "met"
+    assert claims["training epoch at batch 512 ≤ 0.5 s (steady)"]["verdict"] == "met"
+    assert claims["DALI epoch within 3 % of the torch loader's at batch 128"]["verdict"] == "missed"  # 0.95 / 0.90
+    assert claims["DALI epoch within 3 % of the torch loader's at batch 512"]["verdict"] == "met"
