@@ -3,7 +3,7 @@
 Every benchmark records what it ran on and at which size in `benchmark.extra_info`, so one entry of a
 `--benchmark-json` file stands alone. With FASTCIFAR_BENCH_RESULTS=FILE each timed benchmark also appends that
 record as one JSON line as soon as it finishes: pytest-benchmark writes its JSON only at the end of a session
-that was not interrupted, and benchmarks/gpu_check.sh stops the run at a time limit.
+that was not interrupted, and benchmarks/gpu_evidence.sh stops the run at a time limit.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 # The fast recipe's grid of variants x seeds on the full CIFAR-10, within 8 minutes:  benchmarks/gpu_sweep.sh OUT_DIR
 # Writes OUT_DIR/sweep.json (every finished run, and per variant the mean and spread over seeds; see
 # benchmarks/gpu_sweep.py for the grid) and OUT_DIR/gpu_sweep.log. Installs from .whl/ and .dali1-4/ and builds
-# CIFAR-10 from .gpu/ like gpu_check.sh. Environment: GPU_SWEEP_BUDGET (seconds after which no run starts,
+# CIFAR-10 from .gpu/ like gpu_evidence.sh. Environment: GPU_SWEEP_BUDGET (seconds after which no run starts,
 # default 400), GPU_SWEEP_SEEDS (default 3), GPU_SWEEP_VARIANTS (comma-separated subset), GPU_SWEEP_SMOKE=1 (tiny
-# synthetic runs: the plumbing, on a CPU), plus gpu_check.sh's PYTHON, DATA_DIR, GPU_CHECK_ASSETS.
+# synthetic runs: the plumbing, on a CPU), plus gpu_evidence.sh's PYTHON, DATA_DIR, GPU_CHECK_ASSETS.
 set -u
 OUT=${1:?usage: benchmarks/gpu_sweep.sh OUT_DIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1

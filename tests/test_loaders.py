@@ -450,9 +450,9 @@ def test_cutout_squares_are_legal_and_their_centres_uniform(kind):
 
 # --------------------------------------------------------------------------------------------------------------
 # On a GPU kept busy: the DALI hand-off (input copied on torch's stream, output bound to it) and the torch loader
-# must still give each label its own image. Skipped without CUDA; run by benchmarks/gpu_check.sh.
+# must still give each label its own image. Skipped without CUDA; run by benchmarks/gpu_evidence.sh.
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_evidence.sh)")
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_batches_stay_correct_on_a_busy_gpu(kind):
     from fastcifar.data.augment import parse_augment

@@ -1,6 +1,6 @@
 """The training step that a CUDA graph captures (train.train_step), run eagerly here: the same weights as the
 plain PyTorch step it replaced; the device-side LR schedule; monitoring that changes nothing; capture failures.
-CUDA-only checks (captured vs uncaptured) are skipped without a GPU and run by benchmarks/gpu_check.sh."""
+CUDA-only checks (captured vs uncaptured) are skipped without a GPU and run by benchmarks/gpu_evidence.sh."""
 
 import contextlib
 import functools
@@ -20,7 +20,7 @@ from fastcifar.model import resnet18_cifar
 from fastcifar.optim import LRSchedule, param_groups
 from fastcifar.train import build_session
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_evidence.sh)")
 
 
 def session(device="cpu", **overrides):
