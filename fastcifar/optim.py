@@ -145,17 +145,25 @@ class WeightEMA:
         self._ema_other = [a for a, b in pairs if not a.is_floating_point()]  # BN's num_batches_tracked
         self._live_other = [b for a, b in pairs if not a.is_floating_point()]
         self.count = torch.zeros((), dtype=torch.float32, device=self._ema[0].device)
+        self.fused = self._ema[0].device.type == "cuda"
         self._torch = torch
 
     def update(self) -> None:
         torch = self._torch
         with torch.no_grad():
             decay = torch.clamp((1.0 + self.count) / (10.0 + self.count), max=self.decay)
-            # ema = decay * ema + (1 - decay) * live, with the 0-dim device tensor as the scalar of each foreach
-            # op: one fused kernel per op (a list of 0-dim tensors instead would not match the parameters' shapes
-            # and fall back to one kernel per tensor)
-            torch._foreach_mul_(self._ema, decay)
-            torch._foreach_add_(self._ema, torch._foreach_mul(self._live, 1.0 - decay))
+            if self.fused:
+                # ema = live + decay * (ema - live): three fused kernels on CUDA, in place, the decay a 0-dim device
+                # tensor (capturable). A list of 0-dim tensors as the scalars would not match the parameters'
+                # shapes, and CUDA would fall back to one kernel per tensor.
+                torch._foreach_sub_(self._ema, self._live)
+                torch._foreach_mul_(self._ema, decay)
+                torch._foreach_add_(self._ema, self._live)
+            else:
+                # ema = decay * ema + (1 - decay) * live. On the CPU every foreach op is a loop over the tensors
+                # anyway, and this form makes the fewest passes over memory (measured fastest there).
+                torch._foreach_mul_(self._ema, decay)
+                torch._foreach_addcmul_(self._ema, self._live, [1.0 - decay] * len(self._ema))
             torch._foreach_copy_(self._ema_other, self._live_other)
             self.count.add_(1)
 

@@ -103,13 +103,23 @@ class ForeachCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_ema_update_is_a_few_fused_foreach_ops_with_a_tensor_scalar():
-    """A foreach op runs as one fused kernel per launch only when each of its tensor lists matches the first one's
+def test_the_cuda_ema_update_is_a_few_fused_foreach_ops_with_a_tensor_scalar():
+    """A foreach op runs as one fused CUDA kernel only when each of its tensor lists matches the first one's
     shapes; a list of 0-dim scalars does not, and CUDA falls back to one kernel per tensor. The decay must be a
-    single device tensor (capturable, no host read), never a Python number or a list of 0-dim tensors."""
+    single device tensor (capturable, no host read), never a Python number or a list of 0-dim tensors. The CUDA
+    form is checked here on CPU tensors (the ops and arguments are the same), and gives the CPU form's average."""
     s, _ = session(ema=0.9)
+    for p in s.model.parameters():  # live weights away from the average's, so the update moves it
+        p.data.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in s.ema.model.state_dict().items()}
+    live = s.model.state_dict()
+    s.ema.fused = True  # what a CUDA model gets
     with ForeachCalls() as seen:
         s.ema.update()
+    decay = 0.1  # min(0.9, (1 + 0) / (10 + 0)) at the first update
+    for k, v in s.ema.model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, decay * before[k] + (1 - decay) * live[k], rtol=1e-5, atol=1e-6), k
     assert 2 <= len(seen.calls) <= 4  # independent of the number of parameters
     for func, args in seen.calls:
         shapes = [t.shape for t in args[0]]
