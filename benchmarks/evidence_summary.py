@@ -158,7 +158,8 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
                  "not run" if not w or w["epoch_time_s"] is None else
                  f"{_s(w['epoch_time_s'])} steady, first {_s(w['first_epoch_time_s'])}, compile {_s(w['compile_s'])}, "
                  f"MFU {_pct(w['mfu'])}, checkpoint {_s(w['checkpoint_s_per_save'])}/save, loader {w['loader']}",
-                 "—" if not w or not w["epoch_time_s"] else f"{REPORT['epoch_time_s'] / w['epoch_time_s']:.0f}x faster"))
+                 "—" if not w or not w["epoch_time_s"] else
+                 f"{REPORT['epoch_time_s'] / w['epoch_time_s']:.0f}x faster"))
     f = s["train"].get("fast")
     if f:
         accs = ", ".join(f"{k} {_pct(v['best_test_acc'])} ({_pct(v['best_test_acc_no_tta'])} no TTA; 94 % "

@@ -169,7 +169,8 @@ if wanted profile && [ ${#DATA[@]} -gt 0 ]; then
     else
       ARGS=("${DATA[@]}" --batch-size "$2" --train-subset "$3" --test-subset 1000 --no-monitor --profile 20)
     fi
-    run "profile_b$2" "$(budget 40 0)" "${TRAIN[@]}" --recipe "$1" --epochs 1 --warmup-epochs 0 "${ARGS[@]}" --run-dir "$OUT/profile-b$2"
+    run "profile_b$2" "$(budget 40 0)" "${TRAIN[@]}" --recipe "$1" --epochs 1 --warmup-epochs 0 "${ARGS[@]}" \
+      --run-dir "$OUT/profile-b$2"
     drop_checkpoints
   done
   summarise

@@ -45,7 +45,8 @@ class StepProfiler:
                  describe: str = ""):
         if steps < 1:
             raise ValueError("--profile needs at least 1 step")
-        self.out_dir, self.steps, self.device, self.notice, self.describe = Path(out_dir), steps, device, notice, describe
+        self.out_dir, self.steps, self.device = Path(out_dir), steps, device
+        self.notice, self.describe = notice, describe
         self.cuda = device.type == "cuda"
         self.seen = 0  # ready steps since the (re)start
         self.prof = None
@@ -65,7 +66,8 @@ class StepProfiler:
             if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(
-                activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=WARMUP, active=self.steps, repeat=1),
+                activities=activities,
+                schedule=torch.profiler.schedule(wait=0, warmup=WARMUP, active=self.steps, repeat=1),
                 record_shapes=False, profile_memory=False, with_stack=False)
             self.prof.start()
             return
@@ -180,5 +182,6 @@ def format_table(stats: dict) -> str:
              f"top {unit}s by device time:",
              f"  {'ms/step':>9} {'share':>6} {'calls/step':>10}  name"]
     for k in stats["top_kernels"]:
-        lines.append(f"  {k['ms_per_step']:9.3f} {100 * k['share']:5.1f}% {k['calls_per_step']:10.1f}  {k['name'][:110]}")
+        lines.append(f"  {k['ms_per_step']:9.3f} {100 * k['share']:5.1f}% {k['calls_per_step']:10.1f}  "
+                     f"{k['name'][:110]}")
     return "\n".join(lines) + "\n"
