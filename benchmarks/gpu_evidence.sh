@@ -108,7 +108,9 @@ EOF
   summarise
 fi
 
-if wanted correctness; then
+if wanted correctness && ! "$PY" -c "import pytest" 2>/dev/null; then
+  record correctness skipped 0 "pytest not installed (put its wheels, with pytest-benchmark's, in .whl/)"
+elif wanted correctness; then
   export FASTCIFAR_GPU_TEST_BATCH=128
   run correctness "$(budget 90 0)" "$PY" -m pytest -p no:cacheprovider -q -rs \
     -o addopts="" --junitxml "$OUT/correctness.xml" tests/test_loaders.py tests/test_step.py \
