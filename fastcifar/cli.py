@@ -79,10 +79,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                                                  "after that epoch's checkpoint")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, help="cifar10 (default) or a small learnable SYNTHETIC set")
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: ~/.cache/fastcifar)")
+    g.add_argument("--dataset", choices=DATASETS, help="cifar10 (default), cifar100 (100 fine labels) or a small "
+                                                      "learnable SYNTHETIC set")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: "
+                                      "~/.cache/fastcifar)")
     g.add_argument("--no-download", dest="download", action="store_const", const=False,
-                   help="fail instead of downloading CIFAR-10 when it is missing")
+                   help="fail instead of downloading the dataset when it is missing")
     g.add_argument("--train-subset", type=int, metavar="N", help="seeded class-balanced subset of N training images")
     g.add_argument("--test-subset", type=int, metavar="N", help="seeded class-balanced subset of N test images")
     g.add_argument("--synthetic-size", type=int, metavar="N",

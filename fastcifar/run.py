@@ -97,6 +97,7 @@ class TrainingRun:
             if run.dataset is None:
                 load()
             run._check_sizes()
+            run._dataset_notices()
         except BaseException:
             run.dir.unlock()
             raise
@@ -148,6 +149,15 @@ class TrainingRun:
             return self.dir.file("best.pt")
         except FastCifarError:
             return None
+
+    def _dataset_notices(self) -> None:
+        ds = self.dataset
+        if self.cfg.dataset == "cifar100":
+            self.res.notices.append(f"note: CIFAR-100 ({len(ds.classes)} classes): normalised with its own mean "
+                                    f"{', '.join(f'{m:.4f}' for m in ds.mean)} and std "
+                                    f"{', '.join(f'{s:.4f}' for s in ds.std)}")
+            self.res.notices.append(f"note: the {self.cfg.recipe} recipe's settings are CIFAR-10's (chosen and "
+                                    f"measured there), not tuned for CIFAR-100")
 
     def _check_sizes(self) -> None:
         cfg, ds, ws = self.cfg, self.dataset, self.info.world_size
@@ -209,6 +219,7 @@ class TrainingRun:
                 "trained_images_per_epoch": self.trained_images,
                 "dropped_last_batch_images": len(ds.train_labels) - self.trained_images,
                 "dataset": ds.description, "train_images": len(ds.train_labels), "test_images": len(ds.test_labels),
+                "classes": len(ds.classes), "normalize_mean": list(ds.mean), "normalize_std": list(ds.std),
                 "train_flops_per_image": self.flops_per_image, "peak_tflops": self.peak, "torch": torch.__version__,
                 "fastcifar": __version__, "scheduler_interval": "step", "save_every": self._save_every_text()}
 
