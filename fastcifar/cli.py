@@ -113,7 +113,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the PNGs at the end")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", help="default runs/<timestamp>-<recipe>; must not hold another run")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (or the group "
+                                                       "of seeds in RUN_DIR: its unfinished seeds)")
+    g.add_argument("--seeds", metavar="N|S,S,..", help="train once per seed in one process (compiled once): N = "
+                   "seeds 0..N-1, or a list like 0,1,2 (one seed: 7,). --run-dir is the group's folder: a run "
+                   "folder seed-K per seed and summary.json with mean, std and 95%% CI of each metric")
     g.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from a checkpoint's model weights "
                                                              "(last.pt or best.pt)")
     g.add_argument("--save-every", type=_auto_or_int, metavar="K", help="save last.pt every K epochs (and always "
@@ -171,12 +175,40 @@ def run_train(args: argparse.Namespace) -> int:
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise FastCifarError(f"--stop-after-epoch must be a positive whole number, got {args.stop_after_epoch}")
     resume = expand_path(args.resume)
+    if args.seeds is not None or (resume and _is_group(resume)):
+        return _run_group(args, given, resume)
     if resume and args.init_from:
         raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
     cfg = _resumed_config(resume, given, args.recipe) if resume else build_config(args.recipe or "worksheet", **given)
     summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
                   stop_after_epoch=args.stop_after_epoch)
     return summary.get("exit_code", 0) if summary else 0
+
+
+def _is_group(path: str) -> bool:
+    from fastcifar.seeds import is_group
+
+    return is_group(path)
+
+
+def _run_group(args: argparse.Namespace, given: dict, resume: str | None) -> int:
+    """--seeds, or --resume of a group: seeds.py."""
+    from fastcifar.seeds import fit_group, parse_seeds, resumed_group, start_group
+    from fastcifar.tracking import default_run_dir
+
+    for flag, value in (("--seed", args.seed), ("--stop-after-epoch", args.stop_after_epoch),
+                        ("--init-from", args.init_from if resume else None)):
+        if value is not None:
+            raise FastCifarError(f"{flag} does not go with " + ("--resume of a group of seeds" if resume else
+                                 "--seeds (each seed is one run of the group)") + ": leave it out.")
+    if resume:
+        if args.seeds is not None:
+            raise FastCifarError(f"--resume {resume} continues the group's own seeds: leave out --seeds.")
+        group = resumed_group(Path(resume), given, args.recipe)
+    else:
+        cfg = build_config(args.recipe or "worksheet", **given)
+        group = start_group(cfg, parse_seeds(args.seeds), Path(cfg.run_dir or default_run_dir(cfg.recipe)))
+    return fit_group(group).get("exit_code", 0)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -70,13 +70,15 @@ class TrainingRun:
         self.trained_since_save, self.last_save_s = 0.0, None
         self.stop, self.remote_stop, self.target_epoch = GracefulStop(), False, None
         self.tracker: WandbTracker | None = None
+        self.group: str | None = None  # the W&B group of a --seeds run (seeds.py)
         self.sink: MetricsSink | None = None
         self.started = time.perf_counter()
 
     # --- open: every check that can fail, nothing written ------------------------------------------------
     @classmethod
     def open(cls, cfg: TrainConfig, info: dist.DistInfo, *, resume_dir=None, init_from=None,
-             stop_after_epoch: int | None = None) -> TrainingRun:
+             stop_after_epoch: int | None = None, dataset=None) -> TrainingRun:
+        """`dataset`: one already loaded for this config (the seeds of a --seeds run share it)."""
         path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
         run = cls(cfg, info, dist.broadcast_object(path, info), stop_after_epoch)
         run.res = resolve(cfg, info.local_rank, info.world_size)
@@ -92,8 +94,9 @@ class TrainingRun:
                 run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset,
                                            cfg.test_subset, cfg.synthetic_size, cfg.seed)
 
-            run.dataset = None
-            run._on_main(load)  # rank 0 first: a missing CIFAR-10 is downloaded once, not by every rank at once
+            run.dataset = dataset
+            if dataset is None:
+                run._on_main(load)  # rank 0 first: a missing CIFAR-10 is downloaded once, not by every rank at once
             if run.dataset is None:
                 load()
             run._check_sizes()
@@ -188,7 +191,7 @@ class TrainingRun:
             previous = self.dir.read_json("config.json") if self.resume_state else {}
             self.tracker = WandbTracker(self.cfg.wandb, self.cfg.wandb_project, self.dir.path,
                                         {**self.cfg.to_dict(), "resolved": self.resolved}, self.dir.path.name,
-                                        resume_id=previous.get("wandb_run_id"))
+                                        resume_id=previous.get("wandb_run_id"), group=self.group)
             if self.tracker.run_id and not self.resume_state:
                 self.dir.write_json("config.json", {**self._config_doc(), "wandb_run_id": self.tracker.run_id})
             self.tracker.set_summary({"flops/train_per_image": self.flops_per_image,
