@@ -242,10 +242,17 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from fastcifar.compare import run_compare as compare_command
+
+    args.a, args.b = expand_path(args.a), expand_path(args.b)
+    return compare_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description="ResNet-18 on CIFAR-10, done right and fast.")
     parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,flops,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,flops,report,compare}")
     p = sub.add_parser("train", help="train ResNet-18 on CIFAR-10 (the report's recipe by default)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
@@ -255,10 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="count FLOPs by hand, with fvcore and with FlopCounterMode; --verify cross-checks")
     add_flops_arguments(p)
     p.set_defaults(func=run_flops)
-    p = sub.add_parser("report", help="draw the PNG plots of a run directory")
-    p.add_argument("run_dir", help="a run directory written by fastcifar train")
+    p = sub.add_parser("report", help="draw the PNG plots of a run directory (or of a --seeds group)")
+    p.add_argument("run_dir", help="a run directory written by fastcifar train, or a --seeds group directory")
     p.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
     p.set_defaults(func=run_report)
+    p = sub.add_parser("compare", help="two runs or groups of seeds: mean ± std, difference with 95%% CI, Welch's "
+                                       "t-test, and what differs in their configs")
+    p.add_argument("a", help="a run directory or a --seeds group directory")
+    p.add_argument("b", help="another one")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_compare)
     return parser
 
 
