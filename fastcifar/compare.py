@@ -119,11 +119,10 @@ def format_comparison(result: dict) -> str:
         lines.append(f"  {verdict(m)}")
     lines.append("")
     if result["config_diff"]:
-        width = max(len(k) for k in result["config_diff"]) + 2
-        col = max(len(str(v[0])) for v in result["config_diff"].values())
-        lines.append(f"what differs (config): {'flag':<{width}} {'A':<{col}}   B")
-        for key, (va, vb) in result["config_diff"].items():
-            lines.append(f"                       {'--' + key.replace('_', '-'):<{width}} {str(va):<{col}}   {vb}")
+        flags = {"--" + k.replace("_", "-"): v for k, v in result["config_diff"].items()}
+        width, col = max(map(len, flags)), max(len(str(v[0])) for v in flags.values())
+        lines += ["what differs (config):", f"  {'flag':<{width}}   {'A':<{col}}   B"]
+        lines += [f"  {flag:<{width}}   {str(va):<{col}}   {vb}" for flag, (va, vb) in flags.items()]
     else:
         lines.append("what differs (config): nothing but the seeds and where the runs were written")
     return "\n".join(lines)
