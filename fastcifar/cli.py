@@ -203,7 +203,9 @@ def _run_group(args: argparse.Namespace, given: dict, resume: str | None) -> int
                                  "--seeds (each seed is one run of the group)") + ": leave it out.")
     if resume:
         if args.seeds is not None:
-            raise FastCifarError(f"--resume {resume} continues the group's own seeds: leave out --seeds.")
+            raise FastCifarError(f"--resume {resume} continues the group's own seeds: leave out --seeds."
+                                 if _is_group(resume) else "--seeds starts a new group of runs and --resume "
+                                 "continues one: pick one.")
         group = resumed_group(Path(resume), given, args.recipe)
     else:
         cfg = build_config(args.recipe or "worksheet", **given)
