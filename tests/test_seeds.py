@@ -200,3 +200,30 @@ def test_resume_of_a_group_refuses_a_changed_recipe_flag(group, capsys):
 def test_a_used_directory_is_refused(group, capsys):
     assert main(["train", *FLAGS, "--wandb", "off", "--seeds", "2", "--run-dir", str(group.path)]) == 1
     assert "already holds a run or a group" in capsys.readouterr().err
+
+
+def test_reset_to_a_seed_with_its_own_subset_equals_a_fresh_session(tmp_path):
+    """--train-subset is drawn with the seed, so the reset session gets loaders over the new subset: one epoch
+    of it gives exactly the step losses and weights of a session built for that seed."""
+    from fastcifar.config import resolve
+    from fastcifar.data.cifar import load_dataset
+    from fastcifar.distributed import DistInfo
+    from support import tiny_config
+
+    def setup(seed):
+        cfg = tiny_config(tmp_path, seed=seed, train_subset=24, optimizer="adam", ema=0.9)
+        return cfg, load_dataset(cfg.dataset, synthetic_size=32, train_subset=24, seed=seed)
+
+    cfg0, ds0 = setup(0)
+    s = train.build_session(cfg0, DistInfo(), ds0, resolve(cfg0))
+    train.train_one_epoch(s, 0)
+    cfg1, ds1 = setup(1)
+    assert not np.array_equal(ds0.train_labels, ds1.train_labels) or not np.array_equal(ds0.train_images,
+                                                                                         ds1.train_images)
+    train.reset_session(s, cfg1, ds1)
+    fresh = train.build_session(cfg1, DistInfo(), ds1, resolve(cfg1))
+    a, b = train.train_one_epoch(s, 0), train.train_one_epoch(fresh, 0)
+    assert a["step_losses"] == b["step_losses"]
+    assert all(torch.equal(x, y) for x, y in zip(s.model.state_dict().values(), fresh.model.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(s.ema.model.state_dict().values(),
+                                                 fresh.ema.model.state_dict().values()))
