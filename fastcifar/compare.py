@@ -109,7 +109,8 @@ def format_comparison(result: dict) -> str:
         m = result["metrics"].get(name)
         if m is None:
             continue
-        lines.append(f"{label}: A {_mean_std(m['a'], scale, unit, digits)} | B {_mean_std(m['b'], scale, unit, digits)}")
+        sides = [_mean_std(m[side], scale, unit, digits) for side in ("a", "b")]
+        lines.append(f"{label}: A {sides[0]} | B {sides[1]}")
         if m["diff"] is not None:
             diff = f"{scale * m['diff']:+.{digits}f} {unit}".rstrip()
             if m["ci95"] is not None:

@@ -95,8 +95,11 @@ def test_a_second_seed_does_not_recompile(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     graphs_at_close = []
     real_close = run.TrainingRun.close
-    monkeypatch.setattr(run.TrainingRun, "close",
-                        lambda self, s: graphs_at_close.append(counters["stats"]["unique_graphs"]) or real_close(self, s))
+    def close(self, s):
+        graphs_at_close.append(counters["stats"]["unique_graphs"])
+        return real_close(self, s)
+
+    monkeypatch.setattr(run.TrainingRun, "close", close)
     cfg = tiny_config(tmp_path / "g", compile="on", monitor=False, epochs=1)
     doc = fit_group(start_group(cfg, [0, 1], tmp_path / "g"))
     assert len(doc["runs"]) == 2
