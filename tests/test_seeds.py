@@ -182,6 +182,12 @@ def test_interrupted_group_keeps_finished_seeds_and_resumes_the_rest(group, tmp_
     assert main(["train", "--resume", str(path)]) == 0  # all finished: nothing to train, the table again
 
 
+def test_seed_lists():
+    from fastcifar.seeds import parse_seeds
+
+    assert parse_seeds("5") == [0, 1, 2, 3, 4] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds("7,") == [7]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "x"], "--seeds takes a count like 3"),
     (["--seeds", "0,0"], "lists a seed twice"),
