@@ -52,6 +52,12 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def completed(summary: dict) -> bool:
+    """A seed's run is done: all its epochs, or stopped at --target-acc (not by a signal)."""
+    return bool(summary.get("finished") or (summary.get("target_reached_epoch") is not None
+                                            and not summary.get("stopped_by") and not summary.get("exit_code")))
+
+
 def is_group(path) -> bool:
     return (Path(path) / GROUP_FILE).is_file()
 
@@ -139,7 +145,7 @@ class Group:
         """finished | resume (a last.pt of an unfinished run) | fresh."""
         folder = seed_dir(self.path, seed)
         summary = folder / "summary.json"
-        if summary.is_file() and RunDir(folder).read_json("summary.json").get("finished"):
+        if summary.is_file() and completed(RunDir(folder).read_json("summary.json")):
             return "finished"
         return "resume" if (folder / "last.pt").is_file() else "fresh"
 
@@ -204,10 +210,10 @@ def fit_group(group: Group, *, loss_fn=None) -> dict:
                 continue
             summary = _fit_seed(group, seed, state, info, session, dataset, loss_fn)
             session, dataset = summary.pop("_session"), summary.pop("_dataset")
-            if info.is_main and summary.get("finished"):
+            if info.is_main and completed(summary):
                 group.record(seed)
                 group.write_summary()
-            stopped = dist.broadcast_object(summary.get("exit_code") or (0 if summary.get("finished") else 1)
+            stopped = dist.broadcast_object(summary.get("exit_code") or (0 if completed(summary) else 1)
                                             if info.is_main else None, info)
             if stopped:
                 break

@@ -236,3 +236,12 @@ def test_reset_to_a_seed_with_its_own_subset_equals_a_fresh_session(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(s.model.state_dict().values(), fresh.model.state_dict().values()))
     assert all(torch.equal(x, y) for x, y in zip(s.ema.model.state_dict().values(),
                                                  fresh.ema.model.state_dict().values()))
+
+
+def test_a_seed_stopped_by_target_acc_counts_as_done(tmp_path):
+    path = tmp_path / "g"
+    assert main(["train", *FLAGS, "--wandb", "off", "--seeds", "2", "--target-acc", "0.05", "--run-dir", str(path)]) == 0
+    doc = json.loads((path / "summary.json").read_text())
+    assert [(r["seed"], r["summary"]["epochs_done"]) for r in doc["runs"]] == [(0, 1), (1, 1)]
+    assert main(["train", "--resume", str(path)]) == 0  # done: nothing trains further
+    assert len(rows(path / "seed-0")) == 1
