@@ -139,7 +139,8 @@ def test_train_eval_and_flops_on_cifar100_through_the_cli(fake100, tmp_path, cap
     run = tmp_path / "run"
     assert main(["train", "--recipe", "fast", "--dataset", "cifar100", "--data-dir", str(fake100), "--no-download",
                  "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "10", "--train-subset", "20",
-                 "--test-subset", "10", "--wandb", "off", "--progress", "off", "--no-report", "--run-dir", str(run)]) == 0
+                 "--test-subset", "10", "--wandb", "off", "--progress", "off", "--no-report",
+                 "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "note: CIFAR-100 (100 classes): normalised with its own mean 0.5071, 0.4865, 0.4409 and std 0.2673" in out
     assert "the fast recipe's settings are CIFAR-10's" in out

@@ -240,7 +240,8 @@ def test_reset_to_a_seed_with_its_own_subset_equals_a_fresh_session(tmp_path):
 
 def test_a_seed_stopped_by_target_acc_counts_as_done(tmp_path):
     path = tmp_path / "g"
-    assert main(["train", *FLAGS, "--wandb", "off", "--seeds", "2", "--target-acc", "0.05", "--run-dir", str(path)]) == 0
+    assert main(["train", *FLAGS, "--wandb", "off", "--seeds", "2", "--target-acc", "0.05",
+                 "--run-dir", str(path)]) == 0
     doc = json.loads((path / "summary.json").read_text())
     assert [(r["seed"], r["summary"]["epochs_done"]) for r in doc["runs"]] == [(0, 1), (1, 1)]
     assert main(["train", "--resume", str(path)]) == 0  # done: nothing trains further
