@@ -92,10 +92,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                                                  "after that epoch's checkpoint")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, help="cifar10 (default) or a small learnable SYNTHETIC set")
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: ~/.cache/fastcifar)")
+    g.add_argument("--dataset", choices=DATASETS, help="cifar10 (default), cifar100 (100 fine labels) or a small "
+                                                      "learnable SYNTHETIC set")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default: "
+                                      "~/.cache/fastcifar)")
     g.add_argument("--no-download", dest="download", action="store_const", const=False,
-                   help="fail instead of downloading CIFAR-10 when it is missing")
+                   help="fail instead of downloading the dataset when it is missing")
     g.add_argument("--train-subset", type=int, metavar="N", help="seeded class-balanced subset of N training images")
     g.add_argument("--test-subset", type=int, metavar="N", help="seeded class-balanced subset of N test images")
     g.add_argument("--synthetic-size", type=int, metavar="N",
@@ -124,7 +126,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the PNGs at the end")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", help="default runs/<timestamp>-<recipe>; must not hold another run")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (or the group "
+                                                       "of seeds in RUN_DIR: its unfinished seeds)")
+    g.add_argument("--seeds", metavar="N|S,S,..", help="train once per seed in one process (compiled once): N = "
+                   "seeds 0..N-1, or a list like 0,1,2 (one seed: 7,). --run-dir is the group's folder: a run "
+                   "folder seed-K per seed and summary.json with mean, std and 95%% CI of each metric")
     g.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from a checkpoint's model weights "
                                                              "(last.pt or best.pt)")
     g.add_argument("--save-every", type=_auto_or_int, metavar="K", help="save last.pt every K epochs (and always "
@@ -186,12 +192,42 @@ def run_train(args: argparse.Namespace) -> int:
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise FastCifarError(f"--stop-after-epoch must be a positive whole number, got {args.stop_after_epoch}")
     resume = expand_path(args.resume)
+    if args.seeds is not None or (resume and _is_group(resume)):
+        return _run_group(args, given, resume)
     if resume and args.init_from:
         raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
     cfg = _resumed_config(resume, given, args.recipe) if resume else build_config(args.recipe or "worksheet", **given)
     summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
                   stop_after_epoch=args.stop_after_epoch, profile=args.profile)
     return summary.get("exit_code", 0) if summary else 0
+
+
+def _is_group(path: str) -> bool:
+    from fastcifar.seeds import is_group
+
+    return is_group(path)
+
+
+def _run_group(args: argparse.Namespace, given: dict, resume: str | None) -> int:
+    """--seeds, or --resume of a group: seeds.py."""
+    from fastcifar.seeds import fit_group, parse_seeds, resumed_group, start_group
+    from fastcifar.tracking import default_run_dir
+
+    for flag, value in (("--seed", args.seed), ("--stop-after-epoch", args.stop_after_epoch), ("--profile", args.profile),
+                        ("--init-from", args.init_from if resume else None)):
+        if value is not None:
+            raise FastCifarError(f"{flag} does not go with " + ("--resume of a group of seeds" if resume else
+                                 "--seeds (each seed is one run of the group)") + ": leave it out.")
+    if resume:
+        if args.seeds is not None:
+            raise FastCifarError(f"--resume {resume} continues the group's own seeds: leave out --seeds."
+                                 if _is_group(resume) else "--seeds starts a new group of runs and --resume "
+                                 "continues one: pick one.")
+        group = resumed_group(Path(resume), given, args.recipe)
+    else:
+        cfg = build_config(args.recipe or "worksheet", **given)
+        group = start_group(cfg, parse_seeds(args.seeds), Path(cfg.run_dir or default_run_dir(cfg.recipe)))
+    return fit_group(group).get("exit_code", 0)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -225,10 +261,17 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from fastcifar.compare import run_compare as compare_command
+
+    args.a, args.b = expand_path(args.a), expand_path(args.b)
+    return compare_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description="ResNet-18 on CIFAR-10, done right and fast.")
     parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,flops,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,flops,report,compare}")
     p = sub.add_parser("train", help="train ResNet-18 on CIFAR-10 (the report's recipe by default)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
@@ -238,10 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="count FLOPs by hand, with fvcore and with FlopCounterMode; --verify cross-checks")
     add_flops_arguments(p)
     p.set_defaults(func=run_flops)
-    p = sub.add_parser("report", help="draw the PNG plots of a run directory")
-    p.add_argument("run_dir", help="a run directory written by fastcifar train")
+    p = sub.add_parser("report", help="draw the PNG plots of a run directory (or of a --seeds group)")
+    p.add_argument("run_dir", help="a run directory written by fastcifar train, or a --seeds group directory")
     p.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
     p.set_defaults(func=run_report)
+    p = sub.add_parser("compare", help="two runs or groups of seeds: mean ± std, difference with 95%% CI, Welch's "
+                                       "t-test, and what differs in their configs")
+    p.add_argument("a", help="a run directory or a --seeds group directory")
+    p.add_argument("b", help="another one")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_compare)
     return parser
 
 

@@ -19,7 +19,7 @@ from fastcifar.optim import OPTIMIZERS, SCHEDULES
 if TYPE_CHECKING:
     import torch
 
-DATASETS = ("cifar10", "synthetic")
+DATASETS = ("cifar10", "cifar100", "synthetic")
 LOADERS = ("auto", "dali", "torch", "torchvision")
 AUTO_ON_OFF = ("auto", "on", "off")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")

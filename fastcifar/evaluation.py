@@ -20,7 +20,7 @@ from fastcifar.train import evaluate_model
 def evaluate_checkpoint(path, *, tta: str = "off", data_dir=None, download: bool = True, test_subset=None,
                         device: str = "auto", batch_size: int | None = None) -> dict:
     """`fastcifar eval`: a checkpoint's weights (its EMA weights when it has them) on the test set it was trained
-    for (CIFAR-10, or the same synthetic set)."""
+    for (CIFAR-10, CIFAR-100, or the same synthetic set)."""
     if batch_size is not None and batch_size < 1:
         raise FastCifarError(f"--batch-size must be a positive whole number, got {batch_size}")
     state = load_checkpoint(Path(path))
@@ -40,7 +40,7 @@ def evaluate_checkpoint(path, *, tta: str = "off", data_dir=None, download: bool
     model.load_state_dict(weights)
     model.to(res.device, memory_format=torch.channels_last if res.channels_last else torch.contiguous_format)
     loader = make_eval_loader(res.loader, ds.test_images, ds.test_labels, min(res.eval_batch_size, len(ds.test_labels)),
-                              res.device, res.amp_dtype or torch.float32, res.channels_last)
+                              res.device, res.amp_dtype or torch.float32, res.channels_last, mean=ds.mean, std=ds.std)
     result = evaluate_model(model, loader, res, tta, dist.DistInfo())
     result.pop("compile_s")
     epoch = state["epoch"] if state.get("kind") == "best weights" else state.get("epoch", 0) - 1

@@ -70,13 +70,15 @@ class TrainingRun:
         self.trained_since_save, self.last_save_s = 0.0, None
         self.stop, self.remote_stop, self.target_epoch = GracefulStop(), False, None
         self.tracker: WandbTracker | None = None
+        self.group: str | None = None  # the W&B group of a --seeds run (seeds.py)
         self.sink: MetricsSink | None = None
         self.started = time.perf_counter()
 
     # --- open: every check that can fail, nothing written ------------------------------------------------
     @classmethod
     def open(cls, cfg: TrainConfig, info: dist.DistInfo, *, resume_dir=None, init_from=None,
-             stop_after_epoch: int | None = None) -> TrainingRun:
+             stop_after_epoch: int | None = None, dataset=None) -> TrainingRun:
+        """`dataset`: one already loaded for this config (the seeds of a --seeds run share it)."""
         path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
         run = cls(cfg, info, dist.broadcast_object(path, info), stop_after_epoch)
         run.res = resolve(cfg, info.local_rank, info.world_size)
@@ -92,11 +94,13 @@ class TrainingRun:
                 run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset,
                                            cfg.test_subset, cfg.synthetic_size, cfg.seed)
 
-            run.dataset = None
-            run._on_main(load)  # rank 0 first: a missing CIFAR-10 is downloaded once, not by every rank at once
+            run.dataset = dataset
+            if dataset is None:
+                run._on_main(load)  # rank 0 first: a missing CIFAR-10 is downloaded once, not by every rank at once
             if run.dataset is None:
                 load()
             run._check_sizes()
+            run._dataset_notices()
         except BaseException:
             run.dir.unlock()
             raise
@@ -149,6 +153,15 @@ class TrainingRun:
         except FastCifarError:
             return None
 
+    def _dataset_notices(self) -> None:
+        ds = self.dataset
+        if self.cfg.dataset == "cifar100":
+            self.res.notices.append(f"note: CIFAR-100 ({len(ds.classes)} classes): normalised with its own mean "
+                                    f"{', '.join(f'{m:.4f}' for m in ds.mean)} and std "
+                                    f"{', '.join(f'{s:.4f}' for s in ds.std)}")
+            self.res.notices.append(f"note: the {self.cfg.recipe} recipe's settings are CIFAR-10's (chosen and "
+                                    f"measured there), not tuned for CIFAR-100")
+
     def _check_sizes(self) -> None:
         cfg, ds, ws = self.cfg, self.dataset, self.info.world_size
         n = len(ds.train_labels)
@@ -178,7 +191,7 @@ class TrainingRun:
             previous = self.dir.read_json("config.json") if self.resume_state else {}
             self.tracker = WandbTracker(self.cfg.wandb, self.cfg.wandb_project, self.dir.path,
                                         {**self.cfg.to_dict(), "resolved": self.resolved}, self.dir.path.name,
-                                        resume_id=previous.get("wandb_run_id"))
+                                        resume_id=previous.get("wandb_run_id"), group=self.group)
             if self.tracker.run_id and not self.resume_state:
                 self.dir.write_json("config.json", {**self._config_doc(), "wandb_run_id": self.tracker.run_id})
             self.tracker.set_summary({"flops/train_per_image": self.flops_per_image,
@@ -209,6 +222,7 @@ class TrainingRun:
                 "trained_images_per_epoch": self.trained_images,
                 "dropped_last_batch_images": len(ds.train_labels) - self.trained_images,
                 "dataset": ds.description, "train_images": len(ds.train_labels), "test_images": len(ds.test_labels),
+                "classes": len(ds.classes), "normalize_mean": list(ds.mean), "normalize_std": list(ds.std),
                 "train_flops_per_image": self.flops_per_image, "peak_tflops": self.peak, "torch": torch.__version__,
                 "fastcifar": __version__, "scheduler_interval": "step", "save_every": self._save_every_text()}
 

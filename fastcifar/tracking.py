@@ -190,7 +190,9 @@ def _wandb_has_api_key() -> bool:
 class WandbTracker:
     """Mirror of the run in Weights & Biases. Every call is guarded: the first failure disables it."""
 
-    def __init__(self, mode: str, project: str, run_dir: Path, config: dict, name: str, resume_id: str | None = None):
+    def __init__(self, mode: str, project: str, run_dir: Path, config: dict, name: str, resume_id: str | None = None,
+                 group: str | None = None):
+        """`group`: the W&B group of a `--seeds` run's seeds, so the W&B UI draws their mean and band."""
         self.run = None
         self.mode = mode
         if mode == "off":
@@ -208,7 +210,7 @@ class WandbTracker:
         self._wandb = wandb
         try:
             # quiet: no end-of-run history dump burying fastcifar's own results table
-            self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), mode=mode,
+            self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), mode=mode, group=group,
                                   id=resume_id, resume="allow" if resume_id else None,
                                   settings=wandb.Settings(quiet=True))
             self._define_metrics()

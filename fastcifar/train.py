@@ -31,7 +31,8 @@ from fastcifar.profiling import StepProfiler
 from fastcifar.run import TrainingRun
 
 
-__all__ = ["Session", "TrainingDiverged", "build_session", "evaluate", "fit", "train_one_epoch", "train_step"]
+__all__ = ["Session", "TrainingDiverged", "build_session", "evaluate", "fit", "reset_session", "run_epochs",
+           "train_one_epoch", "train_step"]
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Session:
     stop_requested: Callable[[], bool] = lambda: False  # set by the run: a signal asked to stop at a step boundary
     profiler: StepProfiler | None = None  # --profile: called after every step until it has written its files
     eval_warmed: bool = field(default=False)  # evaluated once: a compiled eval model has compiled
+    dataset: Dataset | None = None  # what the loaders hold
 
     def autocast(self):
         return autocast(self.res)
@@ -83,9 +85,66 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
     if info.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[res.device.index] if res.device.type == "cuda" else None)
+    train_loader, eval_loader = _make_loaders(cfg, ds, res, info, notice)
+    steps = len(train_loader)
+    optimizer = build_optimizer(cfg, model, res.device, capturable=res.cuda_graphs)
+    schedule = LRSchedule(optimizer, cfg.scheduler, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    eval_model = ema.model if ema else model
+    if res.compile:  # dynamic=False: train and eval batch sizes differ; each gets one static graph
+        step_model = torch.compile(step_model, dynamic=False)
+        eval_model = torch.compile(eval_model, dynamic=False)
+    monitor = None
+    if cfg.monitor:
+        monitor = LayerMonitor(model, steps_per_epoch=steps, epochs=cfg.epochs, grad_every=cfg.grad_every,
+                               grad_epochs=cfg.grad_epochs, grad_low=cfg.grad_low, grad_high=cfg.grad_high)
+    s = Session(cfg, res, info, model, step_model, eval_model, optimizer, schedule,
+                torch.amp.GradScaler(res.device.type, enabled=res.grad_scaler), ema, train_loader, eval_loader,
+                monitor, loss_fn or functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
+                step_losses=torch.zeros(steps, device=res.device),
+                step_correct=torch.zeros(steps, device=res.device, dtype=torch.int64),
+                step_index=torch.zeros((), device=res.device, dtype=torch.int64), dataset=ds)
+    step, zero_grad = functools.partial(train_step, s), functools.partial(optimizer.zero_grad, set_to_none=True)
+    if res.cuda_graphs:
+        s.stepper = GraphedStep(step, zero_grad, (False, True) if monitor else (False,), notice)
+    else:
+        s.stepper = EagerStep(step, compiled=res.compile)
+    return s
+
+
+def reset_session(s: Session, cfg: TrainConfig, ds: Dataset, notice: Callable[[str], None] = print) -> None:
+    """Turn a used session into what build_session(cfg, ds) would give for another --seed, in place: that seed's
+    initial weights, empty optimizer state, the schedule at step 0, a fresh EMA and loss scaler, the loaders on
+    that seed's data order. Every tensor keeps its identity, so the compiled model and a captured CUDA graph stay
+    valid: `--seeds` compiles (and captures) once. A dataset other than the session's (a --train-subset drawn with
+    another seed) gets new loaders; their batches are copied into the graph's static inputs, so that is safe too."""
+    torch.manual_seed(cfg.seed)  # then the same draws as build_session's: the initial weights of this seed
+    fresh = resnet18_cifar(num_classes=len(ds.classes), zero_init_residual=cfg.zero_init_residual)
+    s.model.load_state_dict(fresh.state_dict())  # copy_ into the live parameters and buffers
+    if s.stepper.captured:  # the graph reads these very tensors: zeros are what a first step starts from
+        for state in s.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+    else:
+        s.optimizer.state.clear()  # exactly a new optimizer's (lazily created) state
+    s.schedule.load_state_dict({"step": 0})
+    if s.ema is not None:
+        s.ema.load_state_dict({"model": s.model.state_dict(), "count": 0})
+    s.scaler = torch.amp.GradScaler(s.res.device.type, enabled=s.res.grad_scaler)  # fp16 only: never captured
+    if ds is not s.dataset:
+        s.train_loader, s.eval_loader = _make_loaders(cfg, ds, s.res, s.info, notice)
+        s.dataset = ds
+    s.train_loader.seed = cfg.seed
+    s.cfg = cfg
+
+
+def _make_loaders(cfg: TrainConfig, ds: Dataset, res: Resolved, info: dist.DistInfo,
+                  notice: Callable[[str], None]) -> tuple[TrainLoader, EvalLoader]:
+    """The train and eval loaders of `res.loader`; DALI that imports but cannot start falls back to torch."""
     data_dtype = res.amp_dtype or torch.float32  # the loader casts once; autocast then keeps it
     common = dict(device=res.device, dtype=data_dtype, channels_last=res.channels_last, rank=info.rank,
-                  world_size=info.world_size)
+                  world_size=info.world_size, mean=ds.mean, std=ds.std)
 
     def loaders(kind):
         return (make_train_loader(kind, ds.train_images, ds.train_labels, cfg.batch_size, seed=cfg.seed,
@@ -104,30 +163,7 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
         notice(f"loader: torch (GPU-resident torch ops), not DALI: DALI failed to start ({why})")
         res.loader = "torch"
         train_loader, eval_loader = loaders(res.loader)
-    steps = len(train_loader)
-    optimizer = build_optimizer(cfg, model, res.device, capturable=res.cuda_graphs)
-    schedule = LRSchedule(optimizer, cfg.scheduler, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
-    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-    eval_model = ema.model if ema else model
-    if res.compile:  # dynamic=False: train and eval batch sizes differ; each gets one static graph
-        step_model = torch.compile(step_model, dynamic=False)
-        eval_model = torch.compile(eval_model, dynamic=False)
-    monitor = None
-    if cfg.monitor:
-        monitor = LayerMonitor(model, steps_per_epoch=steps, epochs=cfg.epochs, grad_every=cfg.grad_every,
-                               grad_epochs=cfg.grad_epochs, grad_low=cfg.grad_low, grad_high=cfg.grad_high)
-    s = Session(cfg, res, info, model, step_model, eval_model, optimizer, schedule,
-                torch.amp.GradScaler(res.device.type, enabled=res.grad_scaler), ema, train_loader, eval_loader,
-                monitor, loss_fn or functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
-                step_losses=torch.zeros(steps, device=res.device),
-                step_correct=torch.zeros(steps, device=res.device, dtype=torch.int64),
-                step_index=torch.zeros((), device=res.device, dtype=torch.int64))
-    step, zero_grad = functools.partial(train_step, s), functools.partial(optimizer.zero_grad, set_to_none=True)
-    if res.cuda_graphs:
-        s.stepper = GraphedStep(step, zero_grad, (False, True) if monitor else (False,), notice)
-    else:
-        s.stepper = EagerStep(step, compiled=res.compile)
-    return s
+    return train_loader, eval_loader
 
 
 def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, monitored: bool = False) -> None:
@@ -296,16 +332,21 @@ def fit(cfg: TrainConfig, *, resume_dir=None, init_from=None, stop_after_epoch: 
             if profile and info.is_main:
                 s.profiler = StepProfiler(run.dir.path / "profile", profile, run.res.device, notice=run.notice,
                                           describe=f"batch {cfg.batch_size}, {run.active}")
-            for epoch in run.epochs():
-                clock = run.clock()
-                train = train_one_epoch(s, epoch, run.progress(epoch))
-                if train is None:
-                    break  # stopped by a signal: the unfinished epoch is abandoned
-                clock.lap("train")
-                test = evaluate(s)
-                clock.lap("eval")
-                if run.end_epoch(s, epoch, train, test, clock):
-                    break  # a signal, --target-acc or --stop-after-epoch: this epoch is saved
+            run_epochs(run, s)
             return run.close(s)
     finally:
         dist.cleanup(info)
+
+
+def run_epochs(run: TrainingRun, s: Session) -> None:
+    """The epoch loop of a started run, until its last epoch, a signal, --target-acc or --stop-after-epoch."""
+    for epoch in run.epochs():
+        clock = run.clock()
+        train = train_one_epoch(s, epoch, run.progress(epoch))
+        if train is None:
+            break  # stopped by a signal: the unfinished epoch is abandoned
+        clock.lap("train")
+        test = evaluate(s)
+        clock.lap("eval")
+        if run.end_epoch(s, epoch, train, test, clock):
+            break  # a signal, --target-acc or --stop-after-epoch: this epoch is saved

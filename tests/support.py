@@ -59,3 +59,22 @@ TIMING_WORDS = ("time", "per_s", "flops", "elapsed", "compile")
 def without_timings(rows: list[dict]) -> list[dict]:
     """Metrics rows without their wall-clock fields: what two runs of the same seed must agree on exactly."""
     return [{k: v for k, v in r.items() if not any(word in k for word in TIMING_WORDS)} for r in rows]
+
+
+def make_fake_cifar100(root: Path, train: int = 200, test: int = 100, seed: int = 0) -> Path:
+    """The canonical cifar-100-python/ layout (train, test, meta; fine and coarse labels), small: tests
+    monkeypatch cifar100.CIFAR100_SIZES to these counts."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", train), ("test", test)):
+        images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        fine = np.arange(n) % 100
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"filenames": [], b"batch_label": b"fake", b"fine_labels": fine.tolist(),
+                         b"coarse_labels": (fine // 5).tolist(),
+                         b"data": images.transpose(0, 3, 1, 2).reshape(n, -1)}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class{c}".encode() for c in range(100)],
+                     b"coarse_label_names": [f"super{c}".encode() for c in range(20)]}, f)
+    return root

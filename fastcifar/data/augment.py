@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
+from fastcifar.data.cifar import CIFAR10_MEAN as CIFAR_MEAN  # the default normalisation
+from fastcifar.data.cifar import CIFAR10_STD as CIFAR_STD
+
 SIZE = 32
 PAD = 4  # the report's RandomCrop(32, padding=4)
 MAX_PAD = 16

@@ -33,6 +33,11 @@ TRAIN_FILES = {
 TEST_FILES = {"test_batch": "40351d587109b95175f43aff81a1287e"}
 META_FILE = ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# The normalisation the loaders apply (x/255 - mean) / std, per channel. CIFAR-10's are the values the report used
+# (and most CIFAR-10 code copies: the means of the training set; 0.2023.. is the std as commonly circulated, a little
+# below the per-pixel std 0.2470, 0.2435, 0.2616). The synthetic set uses CIFAR-10's; CIFAR-100's are in cifar100.py.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclass
@@ -46,6 +51,8 @@ class Dataset:
     classes: tuple[str, ...]
     description: str  # printed and recorded, e.g. "CIFAR-10 (…)" or "SYNTHETIC …"
     synthetic: bool = False
+    mean: tuple[float, ...] = CIFAR10_MEAN  # per-channel normalisation in [0, 1] units
+    std: tuple[float, ...] = CIFAR10_STD
 
 
 def default_data_dir() -> Path:
@@ -61,37 +68,38 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, what: str = "CIFAR-10") -> dict:
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="bytes")
     except FileNotFoundError:
         raise
     except PermissionError:
-        raise FastCifarError(f"cannot read CIFAR-10 file {path} (permission denied): fix its permissions, or "
+        raise FastCifarError(f"cannot read {what} file {path} (permission denied): fix its permissions, or "
                              f"point --data-dir at a copy you can read.") from None
     except Exception as exc:  # truncated or not a pickle at all
-        raise FastCifarError(f"corrupt CIFAR-10 file {path}: cannot be read ({type(exc).__name__}: {exc}). "
+        raise FastCifarError(f"corrupt {what} file {path}: cannot be read ({type(exc).__name__}: {exc}). "
                              f"Delete it and download again, or point --data-dir at a good copy.") from None
     if not isinstance(obj, dict):
-        raise FastCifarError(f"corrupt CIFAR-10 file {path}: expected a pickled dict, found {type(obj).__name__}.")
+        raise FastCifarError(f"corrupt {what} file {path}: expected a pickled dict, found {type(obj).__name__}.")
     # The official files use bytes keys; re-pickled copies sometimes use str keys.
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    batch = _unpickle(path)
-    if "data" not in batch or "labels" not in batch:
-        raise FastCifarError(f"corrupt CIFAR-10 file {path}: missing 'data' or 'labels' (keys: {sorted(batch)}).")
+def _read_batch(path: Path, what: str = "CIFAR-10", label_key: str = "labels",
+                num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle(path, what)
+    if "data" not in batch or label_key not in batch:
+        raise FastCifarError(f"corrupt {what} file {path}: missing 'data' or '{label_key}' (keys: {sorted(batch)}).")
     data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"])
+    labels = np.asarray(batch[label_key])
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
-        raise FastCifarError(f"corrupt CIFAR-10 file {path}: 'data' has shape {data.shape} and dtype {data.dtype}, "
+        raise FastCifarError(f"corrupt {what} file {path}: 'data' has shape {data.shape} and dtype {data.dtype}, "
                              f"expected (N, 3072) uint8.")
     if labels.shape != (data.shape[0],):
-        raise FastCifarError(f"corrupt CIFAR-10 file {path}: {labels.shape} labels for {data.shape[0]} images.")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise FastCifarError(f"corrupt CIFAR-10 file {path}: labels outside 0..9 "
+        raise FastCifarError(f"corrupt {what} file {path}: {labels.shape} labels for {data.shape[0]} images.")
+    if labels.size and (labels.min() < 0 or labels.max() > num_classes - 1):
+        raise FastCifarError(f"corrupt {what} file {path}: labels outside 0..{num_classes - 1} "
                              f"(found {labels.min()}..{labels.max()}).")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW rows -> HWC like the originals
     return np.ascontiguousarray(images), labels.astype(np.int64)
@@ -107,27 +115,33 @@ def _missing_paragraph(folder: Path, reason: str) -> str:
 
 
 def download_cifar10(data_dir: Path, url: str | None = None) -> None:
+    url = url or os.environ.get("FASTCIFAR_CIFAR_URL", CIFAR10_URL)
+    download_archive(data_dir, url, "cifar-10-python.tar.gz", CIFAR10_ARCHIVE_MD5, BATCH_DIR, "CIFAR-10",
+                     _missing_paragraph)
+
+
+def download_archive(data_dir: Path, url: str, archive_name: str, md5: str, folder: str, what: str,
+                     missing_paragraph) -> None:
     """Fetch the official archive into data_dir with torchvision's downloader (progress bar, redirects), check its
-    md5, and unpack it atomically: into a temp folder first, then one rename."""
+    md5, and unpack it atomically: into a temp folder first, then one rename of `folder`."""
     from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
-    url = url or os.environ.get("FASTCIFAR_CIFAR_URL", CIFAR10_URL)
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
-        archive = Path(tmp) / "cifar-10-python.tar.gz"
+        archive = Path(tmp) / archive_name
         try:
             download_url(url, tmp, filename=archive.name)
         except Exception as exc:
-            raise FastCifarError(_missing_paragraph(
+            raise FastCifarError(missing_paragraph(
                 data_dir, f"it is not in the data folder and the download from {url} failed ({exc}).")) from None
         digest = calculate_md5(str(archive))
-        if digest != CIFAR10_ARCHIVE_MD5:
-            raise FastCifarError(f"downloaded archive from {url} has md5 {digest}, expected {CIFAR10_ARCHIVE_MD5}: "
-                                 f"the download is corrupt or not CIFAR-10. Nothing was kept; try again.")
+        if digest != md5:
+            raise FastCifarError(f"downloaded archive from {url} has md5 {digest}, expected {md5}: "
+                                 f"the download is corrupt or not {what}. Nothing was kept; try again.")
         extract_archive(str(archive), tmp)
-        target = data_dir / BATCH_DIR
+        target = data_dir / folder
         try:
-            os.replace(Path(tmp) / BATCH_DIR, target)
+            os.replace(Path(tmp) / folder, target)
         except OSError:
             if not target.is_dir():  # else another process (a rank on another node) unpacked the same archive first
                 raise
@@ -209,9 +223,14 @@ SYNTHETIC_DATA_SEED = 1234  # the synthetic set is the same whatever --seed, so 
 
 def load_dataset(dataset: str, data_dir=None, download: bool = True, train_subset: int | None = None,
                  test_subset: int | None = None, synthetic_size: int = 512, seed: int = 0) -> Dataset:
-    """The dataset a run trains on: CIFAR-10 or the synthetic set, then its seeded class-balanced subsets."""
+    """The dataset a run trains on: CIFAR-10, CIFAR-100 or the synthetic set, then its seeded class-balanced
+    subsets."""
     if dataset == "synthetic":
         ds = make_synthetic(synthetic_size, max(synthetic_size // 2, 10), seed=SYNTHETIC_DATA_SEED)
+    elif dataset == "cifar100":
+        from fastcifar.data.cifar100 import load_cifar100
+
+        ds = load_cifar100(data_dir, download=download)
     else:
         ds = load_cifar10(data_dir, download=download)
     return take_subsets(ds, train_subset, test_subset, seed)

@@ -59,7 +59,8 @@ _DALI_OUTPUT_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, 
 
 
 @pipeline_def
-def cifar_pipeline(device: str, *, crop: bool, flip: bool, cutout: bool, dtype, layout: str):
+def cifar_pipeline(device: str, *, crop: bool, flip: bool, cutout: bool, dtype, layout: str, mean=CIFAR_MEAN,
+                   std=CIFAR_STD):
     """The whole graph; `device` ("gpu" or "cpu") is the only thing that differs between the two backends.
 
     crop: a 32x32 window of the padded input at fed crop positions (otherwise the input is 32x32); flip: fed
@@ -78,7 +79,7 @@ def cifar_pipeline(device: str, *, crop: bool, flip: bool, cutout: bool, dtype, 
     if flip:
         crop_args["mirror"] = fed("mirror", types.INT32)
     out = fn.crop_mirror_normalize(images, device=device, dtype=dtype, output_layout=layout,
-                                   mean=[255.0 * m for m in CIFAR_MEAN], std=[255.0 * s for s in CIFAR_STD],
+                                   mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
                                    **crop_args)
     if cutout:
         out = fn.erase(out, device=device, anchor=fed("cutout_anchor", types.FLOAT, 1),
@@ -89,7 +90,8 @@ def cifar_pipeline(device: str, *, crop: bool, flip: bool, cutout: bool, dtype, 
 class _DaliRunner:
     """One built pipeline plus the conversions at its two ends (torch uint8 batch in, torch float batch out)."""
 
-    def __init__(self, device, batch_size: int, dtype: torch.dtype, channels_last: bool, spec: AugmentSpec | None):
+    def __init__(self, device, batch_size: int, dtype: torch.dtype, channels_last: bool, spec: AugmentSpec | None,
+                 mean=CIFAR_MEAN, std=CIFAR_STD):
         self.device = torch.device(device)
         self.dtype, self.channels_last = dtype, channels_last
         if dtype not in _DALI_OUTPUT_DTYPE:
@@ -108,7 +110,7 @@ class _DaliRunner:
         layout = "HWC" if channels_last else "CHW"
         self.pipe = cifar_pipeline(
             "gpu" if self.on_gpu else "cpu", crop=bool(spec and spec.pad), flip=bool(spec and spec.flip),
-            cutout=bool(spec and spec.cutout), dtype=_DALI_OUTPUT_DTYPE[dtype],
+            cutout=bool(spec and spec.cutout), dtype=_DALI_OUTPUT_DTYPE[dtype], mean=mean, std=std,
             layout=layout, batch_size=batch_size, num_threads=max(1, min(4, os.cpu_count() or 1)),
             device_id=device_id, prefetch_queue_depth=1, seed=0, exec_dynamic=True)
         self.pipe.build()
@@ -166,12 +168,12 @@ class DaliTrainLoader(PlannedTrainLoader):
     name = "dali"
 
     def __init__(self, images, labels, *, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT):
+                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT, mean=CIFAR_MEAN, std=CIFAR_STD):
         super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if images.ndim != 4 or images.shape[1:] != (SIZE, SIZE, 3):
             raise ValueError(f"DALI loader expects (N, {SIZE}, {SIZE}, 3) uint8 images, got {images.shape}")
-        self.runner = _DaliRunner(device, batch_size, dtype, channels_last, augment)
+        self.runner = _DaliRunner(device, batch_size, dtype, channels_last, augment, mean, std)
         self.device = self.runner.device
         p = augment.pad
         raw = torch.from_numpy(images).to(self.device)  # the one host-to-device transfer of the set
@@ -210,9 +212,9 @@ class DaliEvalLoader:
     name = "dali"
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, rank=0,
-                 world_size=1):
+                 world_size=1, mean=CIFAR_MEAN, std=CIFAR_STD):
         images, labels = eval_shard(images, labels, rank, world_size)
-        self.runner = _DaliRunner(device, batch_size, dtype, channels_last, None)
+        self.runner = _DaliRunner(device, batch_size, dtype, channels_last, None, mean, std)
         self.device = self.runner.device
         self.num_images = len(labels)
         self.images = torch.from_numpy(images).to(self.device)  # (N, 32, 32, 3) uint8, moved once

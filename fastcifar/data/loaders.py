@@ -30,13 +30,13 @@ class TorchTrainLoader(PlannedTrainLoader):
     name = "torch"
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT):
+                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT, mean=CIFAR_MEAN, std=CIFAR_STD):
         super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
         self.device = torch.device(device)
         self.padded = pad_images(to_nchw_tensor(images, self.device), augment.pad)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.dtype, self.channels_last = dtype, channels_last
-        self.normalize = Normalizer(CIFAR_MEAN, CIFAR_STD, self.device)
+        self.normalize = Normalizer(mean, std, self.device)
 
     def _batches(self, plan: EpochPlan):
         order, offset_y, offset_x, flip, boxes = (torch.from_numpy(a).to(self.device) if a is not None else None
@@ -56,8 +56,9 @@ class _PlannedPILDataset(torch.utils.data.Dataset):
     """Items are rows of the epoch plan, (index, offset_y, offset_x, flip, y0, x0, y1, x1): the worker applies
     them with torchvision's functional transforms, so no randomness lives in the workers."""
 
-    def __init__(self, images, labels, spec: AugmentSpec):
+    def __init__(self, images, labels, spec: AugmentSpec, mean=CIFAR_MEAN, std=CIFAR_STD):
         self.images, self.labels, self.spec = images, labels, spec
+        self.mean, self.std = mean, std
 
     def __len__(self):
         return len(self.labels)
@@ -72,7 +73,7 @@ class _PlannedPILDataset(torch.utils.data.Dataset):
             image = TF.crop(TF.pad(image, self.spec.pad, fill=0), offset_y, offset_x, SIZE, SIZE)
         if flip:
             image = TF.hflip(image)
-        tensor = TF.normalize(TF.to_tensor(image), CIFAR_MEAN, CIFAR_STD)
+        tensor = TF.normalize(TF.to_tensor(image), self.mean, self.std)
         if y1 > y0 and x1 > x0:
             tensor = TF.erase(tensor, y0, x0, y1 - y0, x1 - x0, 0.0)
         return tensor, int(self.labels[index])
@@ -84,9 +85,10 @@ class TorchvisionTrainLoader(PlannedTrainLoader):
     name = "torchvision"
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, seed=0,
-                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT, num_workers=2):
+                 rank=0, world_size=1, augment: AugmentSpec = DEFAULT_AUGMENT, num_workers=2, mean=CIFAR_MEAN,
+                 std=CIFAR_STD):
         super().__init__(len(labels), batch_size, augment, seed, rank, world_size)
-        self.dataset = _PlannedPILDataset(images, labels, augment)
+        self.dataset = _PlannedPILDataset(images, labels, augment, mean, std)
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self.num_workers = num_workers
 
@@ -109,14 +111,14 @@ class TorchEvalLoader:
     """The test set on the device, normalised only, in order; the last batch padded with IGNORE_LABEL."""
 
     def __init__(self, images, labels, batch_size, device, dtype=torch.float32, channels_last=False, rank=0,
-                 world_size=1):
+                 world_size=1, mean=CIFAR_MEAN, std=CIFAR_STD):
         self.device = torch.device(device)
         images, labels = eval_shard(images, labels, rank, world_size)
         self.num_images = len(labels)
         self.images = to_nchw_tensor(images, self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
         self.batch_size, self.dtype, self.channels_last = batch_size, dtype, channels_last
-        self.normalize = Normalizer(CIFAR_MEAN, CIFAR_STD, self.device)
+        self.normalize = Normalizer(mean, std, self.device)
 
     def __len__(self) -> int:
         return -(-self.num_images // self.batch_size)
@@ -151,9 +153,11 @@ def resolve_loader(kind: str, device: torch.device) -> tuple[str, str | None]:
 
 
 def make_train_loader(kind, images, labels, batch_size, device, dtype=torch.float32, channels_last=False,
-                      seed=0, rank=0, world_size=1, num_workers=2, augment: AugmentSpec = DEFAULT_AUGMENT):
+                      seed=0, rank=0, world_size=1, num_workers=2, augment: AugmentSpec = DEFAULT_AUGMENT,
+                      mean=CIFAR_MEAN, std=CIFAR_STD):
+    """`mean`/`std`: the dataset's per-channel normalisation (CIFAR-10's by default)."""
     common = dict(batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last, seed=seed,
-                  rank=rank, world_size=world_size, augment=augment)
+                  rank=rank, world_size=world_size, augment=augment, mean=mean, std=std)
     if kind == "dali":
         from fastcifar.data.dali import DaliTrainLoader
 
@@ -166,9 +170,9 @@ def make_train_loader(kind, images, labels, batch_size, device, dtype=torch.floa
 
 
 def make_eval_loader(kind, images, labels, batch_size, device, dtype=torch.float32, channels_last=False,
-                     rank=0, world_size=1):
+                     rank=0, world_size=1, mean=CIFAR_MEAN, std=CIFAR_STD):
     if kind == "dali":
         from fastcifar.data.dali import DaliEvalLoader
 
-        return DaliEvalLoader(images, labels, batch_size, device, dtype, channels_last, rank, world_size)
-    return TorchEvalLoader(images, labels, batch_size, device, dtype, channels_last, rank, world_size)
+        return DaliEvalLoader(images, labels, batch_size, device, dtype, channels_last, rank, world_size, mean, std)
+    return TorchEvalLoader(images, labels, batch_size, device, dtype, channels_last, rank, world_size, mean, std)

@@ -23,8 +23,13 @@ __all__ = ["build_figures", "make_report"]
 
 
 def build_figures(run_dir) -> dict[str, Figure]:
-    """File name -> Figure for `run_dir`; the monitor figures only when their files have rows."""
+    """File name -> Figure for `run_dir`; the monitor figures only when their files have rows. A --seeds group:
+    group_curves.png (each seed's own figures are in its run directory)."""
     run_dir = Path(run_dir)
+    if (run_dir / "group.json").is_file():
+        from fastcifar.report.group import group_curves
+
+        return {"group_curves.png": group_curves(run_dir)}
     d = _load(run_dir)
     figures = {"training_curves.png": training_curves(run_dir, d)}
     if d["grad"]:
