@@ -213,8 +213,8 @@ def _run_group(args: argparse.Namespace, given: dict, resume: str | None) -> int
     from fastcifar.seeds import fit_group, parse_seeds, resumed_group, start_group
     from fastcifar.tracking import default_run_dir
 
-    for flag, value in (("--seed", args.seed), ("--stop-after-epoch", args.stop_after_epoch), ("--profile", args.profile),
-                        ("--init-from", args.init_from if resume else None)):
+    for flag, value in (("--seed", args.seed), ("--stop-after-epoch", args.stop_after_epoch),
+                        ("--profile", args.profile), ("--init-from", args.init_from if resume else None)):
         if value is not None:
             raise FastCifarError(f"{flag} does not go with " + ("--resume of a group of seeds" if resume else
                                  "--seeds (each seed is one run of the group)") + ": leave it out.")
