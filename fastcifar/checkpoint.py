@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastcifar import FastCifarError
+from fastcifar.data.augment import CIFAR_MEAN, CIFAR_STD, SIZE
 from fastcifar.files import atomic_write
 from fastcifar.optim import load_optimizer_state
 
@@ -97,6 +98,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def input_spec() -> dict:
+    """What the model takes, stored in best.pt and last.pt beside the class names, so that a checkpoint alone is
+    enough to classify an image (fastcifar predict, the README's snippet)."""
+    return {"size": SIZE, "channels": "RGB", "range": "pixels / 255, in [0, 1], then (x - mean) / std per channel",
+            "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
+
+
 # --- the resume state of a training session --------------------------------------------------------------------
 CHECKPOINT_FORMAT = 2
 
@@ -152,7 +160,7 @@ def resume_state(session, *, epoch: int, best: Best, timing: Timing, config: dic
     return {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": session.model.state_dict(),
             "optimizer": session.optimizer.state_dict(), "schedule": session.schedule.state_dict(),
             "scaler": session.scaler.state_dict(), "ema": session.ema.state_dict() if session.ema else None,
-            "rng": rng_state(), "config": config, "classes": classes, "best": best_doc,
+            "rng": rng_state(), "config": config, "classes": classes, "input": input_spec(), "best": best_doc,
             "best_acc": best.acc, "best_epoch": best.epoch, "timing": vars(timing),
             "steps_per_epoch": len(session.train_loader), "world_size": world_size}
 
@@ -161,7 +169,8 @@ def best_weights(best: Best, *, headline: str, config: dict, classes: list[str])
     """best.pt: the weights of the best epoch (and their EMA), what they scored, and the config: what `fastcifar
     eval`, `--init-from` and the README's three lines load."""
     return {"format": CHECKPOINT_FORMAT, "kind": "best weights", "epoch": best.epoch, "test_acc": best.acc,
-            "headline": headline, "model": best.model, "ema": best.ema, "config": config, "classes": classes}
+            "headline": headline, "model": best.model, "ema": best.ema, "config": config, "classes": classes,
+            "input": input_spec()}
 
 
 def restore(session, state: dict, path: Path, world_size: int) -> tuple[int, Best, Timing]:

@@ -133,6 +133,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="best.pt (or last.pt) of a run")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... of any size: made RGB, the shorter "
+                                                             "side resized to 32 pixels, centre-cropped to 32 x 32")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+
+
 def add_flops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default 32, >= 8)")
     p.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar", help="model stem (default cifar)")
@@ -194,6 +202,18 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_predict(args: argparse.Namespace) -> int:
+    from fastcifar.predict import predict
+
+    for result in predict(expand_path(args.checkpoint), [expand_path(p) for p in args.images], top=args.top):
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{result['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f} %"
+                                                      for t in result["top"]))
+    return 0
+
+
 def run_flops(args: argparse.Namespace) -> int:
     from fastcifar.flops import run_flops as flops_command
 
@@ -211,13 +231,16 @@ def run_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description="ResNet-18 on CIFAR-10, done right and fast.")
     parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,flops,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,flops,report}")
     p = sub.add_parser("train", help="train ResNet-18 on CIFAR-10 (the report's recipe by default)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set: accuracy and loss")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval)
+    p = sub.add_parser("predict", help="the top classes of images (PNG, JPEG, any size) under a checkpoint")
+    add_predict_arguments(p)
+    p.set_defaults(func=run_predict)
     p = sub.add_parser("flops", help="count FLOPs by hand, with fvcore and with FlopCounterMode; --verify cross-checks")
     add_flops_arguments(p)
     p.set_defaults(func=run_flops)
