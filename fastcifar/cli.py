@@ -85,6 +85,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail instead of downloading CIFAR-10 when it is missing")
     g.add_argument("--train-subset", type=int, metavar="N", help="seeded class-balanced subset of N training images")
     g.add_argument("--test-subset", type=int, metavar="N", help="seeded class-balanced subset of N test images")
+    g.add_argument("--val-split", type=int, metavar="N",
+                   help="hold out N training images (seeded, class-balanced; taken after --train-subset) as a "
+                        "validation set: the best epoch and best.pt are chosen on it, not on the test set")
     g.add_argument("--synthetic-size", type=int, metavar="N",
                    help=f"training images of --dataset synthetic (test: N/2); default {d.synthetic_size}")
     g.add_argument("--loader", choices=LOADERS, help="auto: dali on CUDA when installed, else torch")

@@ -57,6 +57,7 @@ class Session:
     stepper: EagerStep | GraphedStep | None = None
     stop_requested: Callable[[], bool] = lambda: False  # set by the run: a signal asked to stop at a step boundary
     eval_warmed: bool = field(default=False)  # evaluated once: a compiled eval model has compiled
+    val_loader: EvalLoader | None = None  # --val-split: the held-out training images, evaluated like the test set
 
     def autocast(self):
         return autocast(self.res)
@@ -102,6 +103,9 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
         notice(f"loader: torch (GPU-resident torch ops), not DALI: DALI failed to start ({why})")
         res.loader = "torch"
         train_loader, eval_loader = loaders(res.loader)
+    val_loader = None  # --val-split; the test set's batch shape, so no second compiled graph
+    if ds.val_labels is not None:
+        val_loader = make_eval_loader(res.loader, ds.val_images, ds.val_labels, res.eval_batch_size, **common)
     steps = len(train_loader)
     optimizer = build_optimizer(cfg, model, res.device, capturable=res.cuda_graphs)
     schedule = LRSchedule(optimizer, cfg.scheduler, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
@@ -119,7 +123,7 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
                 monitor, loss_fn or functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
                 step_losses=torch.zeros(steps, device=res.device),
                 step_correct=torch.zeros(steps, device=res.device, dtype=torch.int64),
-                step_index=torch.zeros((), device=res.device, dtype=torch.int64))
+                step_index=torch.zeros((), device=res.device, dtype=torch.int64), val_loader=val_loader)
     step, zero_grad = functools.partial(train_step, s), functools.partial(optimizer.zero_grad, set_to_none=True)
     if res.cuda_graphs:
         s.stepper = GraphedStep(step, zero_grad, (False, True) if monitor else (False,), notice)
@@ -232,11 +236,15 @@ def autocast(res: Resolved):
 
 
 def evaluate(s: Session) -> dict:
-    """Loss and accuracy over the test set (the EMA weights with --ema), with flip TTA too when --tta flip.
-    The first call of a compiled model is timed apart as compile_s."""
+    """Loss and accuracy over the test set (the EMA weights with --ema), with flip TTA too when --tta flip, and
+    over the validation set as val_* under --val-split. The first call of a compiled model is timed apart as
+    compile_s."""
     result = evaluate_model(s.eval_model, s.eval_loader, s.res, s.cfg.tta, s.info,
                             time_first_batch=s.res.compile and not s.eval_warmed)
     s.eval_warmed = True
+    if s.val_loader is not None:
+        val = evaluate_model(s.eval_model, s.val_loader, s.res, s.cfg.tta, s.info)
+        result.update({k.replace("test_", "val_"): v for k, v in val.items() if k != "compile_s"})
     return result
 
 
