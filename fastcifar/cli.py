@@ -1,4 +1,4 @@
-"""`fastcifar train | eval | flops | report`: parsing and messages only; the work lives in train.py, flops.py,
+"""`fastcifar train | eval | predict | flops | report`: parsing and messages only; the work lives in train.py, flops.py,
 report.py. Heavy modules (torch, torchvision, fvcore, matplotlib) are imported by the command that runs, so
 `fastcifar --help` answers at once.
 
