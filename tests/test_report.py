@@ -398,5 +398,7 @@ def test_zero_initialised_rows_are_hatched_and_kept_off_the_colour_scale(tmp_pat
     assert [t.get_text() for t in heat.get_yticklabels() if "(zero-init)" in t.get_text()] == [
         f"{n} (zero-init)" for n in bn2]
     assert "hatched: zero-initialised" in heat.get_xlabel()
+    white = heat.images[1].get_array()  # the overlay: off the scale, whole rows of the zero-init layers
+    assert all(np.ma.getdata(white)[LAYERS.index(n)].tolist() == [1.0, 1.0, 1.0] for n in bn2)
     norm_band = _lines(fig)["update:norm"]
     assert max(norm_band.get_ydata()) < 1e3 and "(not zero-init)" in norm_band.get_label()

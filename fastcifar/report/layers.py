@@ -247,10 +247,13 @@ def weight_updates(run_dir: Path, d: dict) -> Figure:
         # Missing/zero updates are grey, not a colour on the scale.
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
         image = ax_heat.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-        if undefined.any():  # white, apart from both the scale and the grey of a missing value
-            ax_heat.imshow(np.where(undefined, 1.0, np.nan), aspect="auto", cmap=ListedColormap(["white"]),
+        # White, apart from both the scale and the grey of a missing value: undefined ratios, and the whole row of
+        # a zero-initialised layer (its ratio says how fast ||W|| grows from 0; on the scale it reads as exploding)
+        off_scale = undefined | (zero_rows[:, None] & np.isfinite(grid))
+        if off_scale.any():
+            ax_heat.imshow(np.where(off_scale, 1.0, np.nan), aspect="auto", cmap=ListedColormap(["white"]),
                            interpolation="nearest")
-        for i in np.flatnonzero(zero_rows):  # hatched: read apart from the scale, not as an explosion
+        for i in np.flatnonzero(zero_rows):  # hatched: read apart from the scale
             ax_heat.add_patch(Rectangle((-0.5, i - 0.5), len(epochs), 1, fill=False, hatch="///", ec="0.35", lw=0,
                                         gid=f"zero-init:{layers[i]}"))
         if vals.size:
@@ -265,8 +268,9 @@ def weight_updates(run_dir: Path, d: dict) -> Figure:
                            fontsize=7)
         _style_layer_labels(ax_heat.get_yticklabels(), kinds, {n for v in _flagged(d["metrics"]).values() for n in v})
         white = "\nwhite: undefined, ||W|| ≈ 0 at the epoch's start (zero-initialised)" if undefined.any() else ""
-        hatched = ("\nhatched: zero-initialised layers, large while ||W|| grows from 0 (expected); not on the "
-                   "colour scale" if zero_rows.any() else "")
+        hatched = ("\nhatched: zero-initialised layers, left off the scale (their ratio is large while ||W|| grows "
+                   "from 0: expected);\nthe branches' other layers get ≈0 gradient until then, so their rows "
+                   "brighten over the first epochs, by design" if zero_rows.any() else "")
         ax_heat.set(xlabel="epoch (0-based)" + white + hatched, ylabel="layer (forward order, top = input)",
                     title=("Update over each epoch ÷ LR. Healthy: colours drift slowly along a row\n(gradients "
                            "shrink as the loss falls, weights grow); a sudden jump between epochs is the alarm")
@@ -296,8 +300,10 @@ def weight_updates(run_dir: Path, d: dict) -> Figure:
         ax_step.set(xlabel="global step (sampled steps)",
                     ylabel="(||ΔW|| / ||W|| of one step) ÷ its LR" if normed else "||ΔW|| / ||W|| of one step",
                     title="One optimizer step's update " + (
-                        "÷ the LR that made it.\nHealthy: level or slowly falling as the LR changes; a rise of 10× "
-                        "or more is an instability" if normed else "(no LR recorded: not normalised)"))
+                        "÷ the LR that made it.\nHealthy: level or slowly falling once under way; a rise of 10× or more "
+                        "then is an instability" + ("\n(early rises: momentum building up"
+                                                    + (", zero-initialised branches waking up" if zero_init else "")
+                                                    + ")") if normed else "(no LR recorded: not normalised)"))
         ax_step.xaxis.set_major_locator(MaxNLocator(integer=True))
         lr_x, lr = _schedule(d)
         if d["spe"] and lr.size:  # the schedule itself, thin, for comparison
