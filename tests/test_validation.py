@@ -73,3 +73,18 @@ def test_without_a_validation_split_the_test_set_chooses_as_before(tmp_path):
     assert summary["test_acc_at_best"] == summary["best_test_acc"]
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     assert best["chosen_on"] == "test" and best["test_acc"] == summary["best_test_acc"]
+
+
+def test_a_resumed_run_keeps_choosing_on_validation(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *FLAGS, "--epochs", "2", "--val-split", "10", "--run-dir", str(run),
+                 "--stop-after-epoch", "1"]) == 0
+    assert main(["train", "--resume", str(run), "--progress", "off", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "best validation acc so far" in out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and all("val_acc" in r for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    best = max(rows, key=lambda r: r["val_acc"])  # the first of equals, as the run keeps the earlier one
+    assert summary["chosen_on"] == "validation" and summary["best_epoch"] == best["epoch"]
+    assert torch.load(run / "best.pt", weights_only=False)["test_acc"] == best["test_acc"]
