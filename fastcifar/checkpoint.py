@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastcifar import FastCifarError
+from fastcifar.data.augment import CIFAR_MEAN, CIFAR_STD, SIZE
 from fastcifar.files import atomic_write
 from fastcifar.optim import load_optimizer_state
 
@@ -97,6 +98,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def input_spec() -> dict:
+    """What the model takes, stored in best.pt and last.pt beside the class names, so that a checkpoint alone is
+    enough to classify an image (fastcifar predict, the README's snippet)."""
+    return {"size": SIZE, "channels": "RGB", "range": "pixels / 255, in [0, 1], then (x - mean) / std per channel",
+            "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
+
+
 # --- the resume state of a training session --------------------------------------------------------------------
 CHECKPOINT_FORMAT = 2
 
@@ -107,17 +115,18 @@ class Best:
     then loads on any machine, a GPU-less one included, and the copy takes no GPU memory."""
 
     epoch: int = -1
-    acc: float = -1.0
+    acc: float = -1.0  # what chose it: the validation accuracy under --val-split, else the test accuracy
     model: dict | None = None
     ema: dict | None = None
+    test_acc: float | None = None  # the epoch's headline test accuracy
 
     @classmethod
-    def of(cls, session, epoch: int, acc: float) -> Best:
+    def of(cls, session, epoch: int, acc: float, test_acc: float | None = None) -> Best:
         def clone(state):
             return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
         return cls(epoch, acc, clone(session.model.state_dict()),
-                   clone(session.ema.model.state_dict()) if session.ema else None)
+                   clone(session.ema.model.state_dict()) if session.ema else None, acc if test_acc is None else test_acc)
 
 
 @dataclass
@@ -146,22 +155,25 @@ def resume_state(session, *, epoch: int, best: Best, timing: Timing, config: dic
                  world_size: int) -> dict:
     """last.pt after `epoch` (0-based) is done. Self-contained: it carries the best epoch's weights when they are
     not its own, so best.pt can always be rebuilt from it."""
-    best_doc = {"epoch": best.epoch, "acc": best.acc}
+    best_doc = {"epoch": best.epoch, "acc": best.acc, "test_acc": best.test_acc}
     if best.epoch != epoch:
         best_doc.update(model=best.model, ema=best.ema)
     return {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": session.model.state_dict(),
             "optimizer": session.optimizer.state_dict(), "schedule": session.schedule.state_dict(),
             "scaler": session.scaler.state_dict(), "ema": session.ema.state_dict() if session.ema else None,
-            "rng": rng_state(), "config": config, "classes": classes, "best": best_doc,
+            "rng": rng_state(), "config": config, "classes": classes, "input": input_spec(), "best": best_doc,
             "best_acc": best.acc, "best_epoch": best.epoch, "timing": vars(timing),
             "steps_per_epoch": len(session.train_loader), "world_size": world_size}
 
 
-def best_weights(best: Best, *, headline: str, config: dict, classes: list[str]) -> dict:
+def best_weights(best: Best, *, headline: str, config: dict, classes: list[str], on_validation: bool = False) -> dict:
     """best.pt: the weights of the best epoch (and their EMA), what they scored, and the config: what `fastcifar
-    eval`, `--init-from` and the README's three lines load."""
-    return {"format": CHECKPOINT_FORMAT, "kind": "best weights", "epoch": best.epoch, "test_acc": best.acc,
-            "headline": headline, "model": best.model, "ema": best.ema, "config": config, "classes": classes}
+    eval`, `--init-from` and the README's three lines load. Under --val-split the epoch was chosen on validation."""
+    return {"format": CHECKPOINT_FORMAT, "kind": "best weights", "epoch": best.epoch, "test_acc": best.test_acc,
+            "chosen_on": "validation" if on_validation else "test",
+            "val_acc": best.acc if on_validation else None,
+            "headline": headline, "model": best.model, "ema": best.ema, "config": config, "classes": classes,
+            "input": input_spec()}
 
 
 def restore(session, state: dict, path: Path, world_size: int) -> tuple[int, Best, Timing]:
@@ -187,5 +199,6 @@ def restore(session, state: dict, path: Path, world_size: int) -> tuple[int, Bes
     best = state.get("best") or {"epoch": state.get("best_epoch", -1), "acc": state["best_acc"]}  # format 1
     own = best["epoch"] == done - 1  # the best epoch is the saved one: its weights are the checkpoint's
     return done, Best(best["epoch"], best["acc"], best.get("model") or (state["model"] if own else None),
-                      best.get("ema") or ((state.get("ema") or {}).get("model") if own else None)), \
+                      best.get("ema") or ((state.get("ema") or {}).get("model") if own else None),
+                      best.get("test_acc", best["acc"])), \
         Timing(**state.get("timing", {}))

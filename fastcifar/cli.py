@@ -1,4 +1,4 @@
-"""`fastcifar train | eval | flops | report`: parsing and messages only; the work lives in train.py, flops.py,
+"""`fastcifar train | eval | predict | flops | report`: parsing and messages only; the work lives in train.py, flops.py,
 report.py. Heavy modules (torch, torchvision, fvcore, matplotlib) are imported by the command that runs, so
 `fastcifar --help` answers at once.
 
@@ -100,6 +100,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail instead of downloading the dataset when it is missing")
     g.add_argument("--train-subset", type=int, metavar="N", help="seeded class-balanced subset of N training images")
     g.add_argument("--test-subset", type=int, metavar="N", help="seeded class-balanced subset of N test images")
+    g.add_argument("--val-split", type=int, metavar="N",
+                   help="hold out N training images (seeded, class-balanced; taken after --train-subset) as a "
+                        "validation set: the best epoch and best.pt are chosen on it, not on the test set")
     g.add_argument("--synthetic-size", type=int, metavar="N",
                    help=f"training images of --dataset synthetic (test: N/2); default {d.synthetic_size}")
     g.add_argument("--loader", choices=LOADERS, help="auto: dali on CUDA when installed, else torch")
@@ -154,6 +157,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                                                   "batch on the CPU)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="best.pt (or last.pt) of a run")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... of any size: made RGB, the shorter "
+                                                             "side resized to 32 pixels, centre-cropped to 32 x 32")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
 
 
 def add_flops_arguments(p: argparse.ArgumentParser) -> None:
@@ -247,6 +258,18 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_predict(args: argparse.Namespace) -> int:
+    from fastcifar.predict import predict
+
+    for result in predict(expand_path(args.checkpoint), [expand_path(p) for p in args.images], top=args.top):
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{result['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f} %"
+                                                      for t in result["top"]))
+    return 0
+
+
 def run_flops(args: argparse.Namespace) -> int:
     from fastcifar.flops import run_flops as flops_command
 
@@ -271,13 +294,16 @@ def run_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcifar", description="ResNet-18 on CIFAR-10, done right and fast.")
     parser.add_argument("--version", action="version", version=f"fastcifar {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,flops,report,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,flops,report,compare}")
     p = sub.add_parser("train", help="train ResNet-18 on CIFAR-10 (the report's recipe by default)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set: accuracy and loss")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval)
+    p = sub.add_parser("predict", help="the top classes of images (PNG, JPEG, any size) under a checkpoint")
+    add_predict_arguments(p)
+    p.set_defaults(func=run_predict)
     p = sub.add_parser("flops", help="count FLOPs by hand, with fvcore and with FlopCounterMode; --verify cross-checks")
     add_flops_arguments(p)
     p.set_defaults(func=run_flops)

@@ -56,6 +56,7 @@ class TrainConfig:
     download: bool = True
     train_subset: int | None = None
     test_subset: int | None = None
+    val_split: int = 0  # training images held out (seeded, class-balanced) to choose the best epoch; 0 = the test set
     synthetic_size: int = 512
     loader: str = "auto"
     num_workers: int = 2  # torchvision loader only
@@ -143,6 +144,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.target_acc is None or 0 < cfg.target_acc <= 1, f"--target-acc must be in (0, 1], got {cfg.target_acc}")
     need(cfg.train_subset is None or cfg.train_subset >= 1, f"--train-subset must be positive, got {cfg.train_subset}")
     need(cfg.test_subset is None or cfg.test_subset >= 1, f"--test-subset must be positive, got {cfg.test_subset}")
+    need(cfg.val_split >= 0, f"--val-split must be zero or positive, got {cfg.val_split}")
     need(cfg.synthetic_size >= 10, f"--synthetic-size must be at least 10, got {cfg.synthetic_size}")
     need(cfg.num_workers >= 0, f"--num-workers must be zero or positive, got {cfg.num_workers}")
     need(cfg.save_every is None or cfg.save_every >= 1, f"--save-every must be positive, got {cfg.save_every}")

@@ -43,7 +43,11 @@ def header(cfg, ds, *, run_dir, steps: int, trained_images: int, world_size: int
                      f"or --train-subset so that one divides the other more closely")
     lines += [*notices, wrapped("config", cfg.to_dict()), wrapped("resolved", resolved), f"active: {active}"]
     lines += [start] if start else []
-    return "\n".join([*lines, legend(cfg.tta == "flip")])
+    lines.append(legend(cfg.tta == "flip"))
+    if getattr(cfg, "val_split", 0):
+        lines.append(f"val: accuracy on the {cfg.val_split:,} held-out training images; it picks the best epoch "
+                     f"and best.pt")
+    return "\n".join(lines)
 
 
 def wrapped(label: str, items: dict) -> str:
@@ -71,6 +75,8 @@ def epoch_line(cfg, row: dict) -> str:
     width = len(str(cfg.epochs))
     accs = [row["train_acc"], row["test_acc"]] + ([row["test_acc_tta"]] if row.get("test_acc_tta") is not None else [])
     acc = "/".join(f"{100 * a:.1f}" if len(accs) > 2 else f"{100 * a:.2f}" for a in accs)
+    if row.get("val_acc") is not None:  # --val-split: the headline validation accuracy
+        acc += f"% val {100 * row.get('val_acc_tta', row['val_acc']):.1f}"
     ips = row["train_images_per_s"]
     perf = f"{ips / 1000:,.0f}k img/s" if ips >= 100_000 else f"{ips:,.0f} img/s"
     if row.get("mfu") is not None:
@@ -108,9 +114,16 @@ def summary_table(summary: dict) -> str:
     rows = [("Final train accuracy", f"{100 * summary['final_train_acc']:.2f} %"),
             ("Final test accuracy", f"{100 * summary['final_test_acc']:.2f} %" +
              (f" (flip TTA: {100 * summary['final_test_acc_tta']:.2f} %)" if tta else ""))]
-    rows += [(f"Best test accuracy ({summary['headline']})",
-              f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_epoch']}, 0-based)"),
-             ("Final train loss", f"{summary['final_train_loss']:.4f}"),
+    if summary.get("chosen_on") == "validation":
+        rows += [(f"Chosen epoch (best validation accuracy, {summary['headline']})",
+                  f"epoch {summary['best_epoch']} (0-based): validation {100 * summary['best_val_acc']:.2f} %, "
+                  f"test {100 * summary['test_acc_at_best']:.2f} %"),
+                 ("Best test accuracy (for comparison; not used to choose)",
+                  f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_test_epoch']})")]
+    else:
+        rows += [(f"Best test accuracy ({summary['headline']})",
+                  f"{100 * summary['best_test_acc']:.2f} % (epoch {summary['best_epoch']}, 0-based)")]
+    rows += [("Final train loss", f"{summary['final_train_loss']:.4f}"),
              ("Final test loss", f"{summary['final_test_loss']:.4f}"),
              ("Average epoch time", f"{summary['mean_epoch_time_s']:.2f} s (training part "
                                     f"{summary['mean_train_time_s']:.2f} s, {summary['device_name']}"

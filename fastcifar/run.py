@@ -29,10 +29,10 @@ from fastcifar.checkpoint import (Best, Timing, best_weights, check_compatible, 
                                   resume_state, save_checkpoint)
 from fastcifar.config import TrainConfig, resolve
 from fastcifar.console import epoch_line, header, make_progress, summary_table
-from fastcifar.data.cifar import load_dataset
+from fastcifar.data.cifar import hold_out_validation, load_dataset
 from fastcifar.files import NoSpace, refresh_umask, remove_stale_temp_files
 from fastcifar.signals import GracefulStop, RunInterrupted
-from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, summarise
+from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, selection_acc, summarise
 from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class TrainingRun:
         self.saved_through = -1  # the last epoch in last.pt
         self.last_finished = -1
         self.best_written = -1  # the epoch in best.pt
+        self.max_test_acc = -1.0  # the best headline test accuracy so far: milestones (the best epoch may differ)
         self.trained_since_save, self.last_save_s = 0.0, None
         self.stop, self.remote_stop, self.target_epoch = GracefulStop(), False, None
         self.tracker: WandbTracker | None = None
@@ -91,8 +92,9 @@ class TrainingRun:
             if init_from:
                 run.init_state = load_checkpoint(Path(init_from))
             def load():
-                run.dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.train_subset,
-                                           cfg.test_subset, cfg.synthetic_size, cfg.seed)
+                run.dataset = hold_out_validation(load_dataset(cfg.dataset, cfg.data_dir, cfg.download,
+                                                               cfg.train_subset, cfg.test_subset,
+                                                               cfg.synthetic_size, cfg.seed), cfg.val_split, cfg.seed)
 
             run.dataset = dataset
             if dataset is None:
@@ -249,6 +251,8 @@ class TrainingRun:
             return
         for name in JSONL_FILES:  # a crash may have left rows of epochs after the checkpoint, or a torn line
             self.dir.truncate_jsonl(name, lambda r: r.get("epoch", -1) < self.start_epoch)
+        self.max_test_acc = max((headline(self.cfg.tta, r) for r in self.dir.read_jsonl("metrics.jsonl")),
+                                default=-1.0)
         self._repair_best()
         saved = self.dir.read_json("config.json")
         planned = saved["config"]["epochs"]
@@ -294,8 +298,8 @@ class TrainingRun:
 
     def _header(self, s: Session) -> None:
         if self.resume_state is not None:
-            start = (f"resuming at epoch {self.start_epoch} ({self.start_epoch} of {self.cfg.epochs} done; best test "
-                     f"acc so far {100 * self.best.acc:.2f}%)")
+            start = (f"resuming at epoch {self.start_epoch} ({self.start_epoch} of {self.cfg.epochs} done; best "
+                     f"{'validation' if self.cfg.val_split else 'test'} acc so far {100 * self.best.acc:.2f}%)")
         elif self.init_state is not None:
             start = f"starting from the weights of {self.cfg.init_from} (optimizer, schedule and epochs start afresh)"
         else:
@@ -354,9 +358,11 @@ class TrainingRun:
                **flops.throughput(ips, self.flops_per_image, self.res.device.type, self.peak, self.info.world_size),
                "flags": train["flags"], "active": self.active}
         acc = headline(cfg.tta, row)
-        row["first_reached"] = newly_reached(acc, self.best.acc, ACCURACY_MILESTONES)
-        if acc > self.best.acc:
-            self.best = Best.of(s, epoch, acc)
+        row["first_reached"] = newly_reached(acc, self.max_test_acc, ACCURACY_MILESTONES)
+        self.max_test_acc = max(self.max_test_acc, acc)
+        chosen_by = selection_acc(cfg.tta, row)  # validation accuracy under --val-split, else the test's
+        if chosen_by > self.best.acc:
+            self.best = Best.of(s, epoch, chosen_by, test_acc=acc)
         signalled = dist.any_rank(self.stop.signum is not None, self.info, self.res.device)
         target = cfg.target_acc is not None and acc >= cfg.target_acc
         if target:
@@ -409,7 +415,7 @@ class TrainingRun:
             return
         save_checkpoint(self.dir.file("best.pt"), best_weights(
             self.best, headline="flip TTA" if self.cfg.tta == "flip" else "no TTA", config=self.cfg.to_dict(),
-            classes=list(self.dataset.classes)))
+            classes=list(self.dataset.classes), on_validation=bool(self.cfg.val_split)))
 
     def _save(self, s: Session, epoch: int) -> float:
         start = time.perf_counter()

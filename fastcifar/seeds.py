@@ -246,7 +246,7 @@ def _fit_seed(group: Group, seed: int, state: str, info, session, dataset, loss_
     cfg = group.seed_config(seed)
     if state == "fresh" and info.is_main and seed_dir(group.path, seed).exists():
         shutil.rmtree(seed_dir(group.path, seed))  # stopped before its first epoch was saved: nothing to keep
-    subsets = cfg.train_subset or cfg.test_subset  # drawn with the seed: each seed loads its own
+    subsets = cfg.train_subset or cfg.test_subset or cfg.val_split  # drawn with the seed: each seed loads its own
     resume = state == "resume"
     with TrainingRun.open(cfg, info, resume_dir=cfg.run_dir if resume else None,
                           init_from=None if resume else cfg.init_from,

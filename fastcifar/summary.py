@@ -14,6 +14,13 @@ def headline(tta: str, row: dict) -> float:
     return row["test_acc_tta"] if tta == "flip" else row["test_acc"]
 
 
+def selection_acc(tta: str, row: dict) -> float:
+    """The accuracy the best epoch is chosen by: validation's under --val-split, else the headline test accuracy."""
+    if row.get("val_acc") is not None:
+        return row["val_acc_tta"] if tta == "flip" else row["val_acc"]
+    return headline(tta, row)
+
+
 def newly_reached(acc: float, best_before: float, milestones=None) -> list[float]:
     """The milestones an epoch's accuracy crosses for the first time."""
     return [t for t in (milestones or ACCURACY_MILESTONES) if acc >= t > best_before]
@@ -23,7 +30,10 @@ def summarise(rows: list[dict], *, tta: str, epochs: int, target_acc: float | No
     last = rows[-1]
     steady = [r for r in rows if not r.get("compile_s")] or rows  # compilation is reported apart
     accs = [headline(tta, r) for r in rows]
-    best = max(range(len(rows)), key=lambda i: accs[i])
+    chosen_by = [selection_acc(tta, r) for r in rows]
+    best = max(range(len(rows)), key=lambda i: chosen_by[i])  # the epoch best.pt holds
+    best_test = max(range(len(rows)), key=lambda i: accs[i])
+    on_validation = rows[best].get("val_acc") is not None
 
     def first_at(threshold):
         return next((r for r, a in zip(rows, accs) if threshold is not None and a >= threshold), None)
@@ -39,7 +49,10 @@ def summarise(rows: list[dict], *, tta: str, epochs: int, target_acc: float | No
         "final_train_acc": last["train_acc"], "final_test_acc": last["test_acc"],
         "final_test_acc_tta": last.get("test_acc_tta"), "final_train_loss": last["train_loss"],
         "final_test_loss": last["test_loss"], "headline": "flip TTA" if tta == "flip" else "no TTA",
-        "best_test_acc": accs[best], "best_epoch": rows[best]["epoch"],
+        "chosen_on": "validation" if on_validation else "test", "best_epoch": rows[best]["epoch"],
+        "best_val_acc": chosen_by[best] if on_validation else None, "test_acc_at_best": accs[best],
+        # the best test accuracy over all epochs: chosen on the test set itself, so for comparison only
+        "best_test_acc": accs[best_test], "best_test_epoch": rows[best_test]["epoch"],
         "best_test_acc_no_tta": max(r["test_acc"] for r in rows),
         "mean_epoch_time_s": statistics.fmean(r["epoch_time_s"] for r in steady),
         "mean_train_time_s": statistics.fmean(r["train_time_s"] for r in steady),

@@ -31,12 +31,14 @@ JSONL_FILES = ("metrics.jsonl", "steps.jsonl", "grad_flow.jsonl", "updates.jsonl
 EPOCH_KEYS = {
     "train_loss": "train/loss", "train_acc": "train/acc", "test_loss": "test/loss", "test_acc": "test/acc",
     "test_loss_tta": "test/loss_tta", "test_acc_tta": "test/acc_tta", "lr": "lr",
+    "val_loss": "val/loss", "val_acc": "val/acc", "val_loss_tta": "val/loss_tta", "val_acc_tta": "val/acc_tta",
     "epoch_time_s": "time/epoch_s", "train_time_s": "time/train_s", "eval_time_s": "time/eval_s",
     "compile_s": "time/compile_s", "elapsed_s": "time/elapsed_s", "elapsed_train_s": "time/elapsed_train_s",
     "train_images_per_s": "perf/images_per_s", "achieved_tflops": "perf/tflops", "achieved_gflops": "perf/gflops",
     "mfu": "perf/mfu",
 }
-SUMMARIES = {"test/acc": "max", "test/acc_tta": "max", "train/loss": "min", "test/loss": "min"}
+SUMMARIES = {"test/acc": "max", "test/acc_tta": "max", "train/loss": "min", "test/loss": "min", "val/acc": "max",
+             "val/acc_tta": "max"}
 
 
 def default_run_dir(recipe: str) -> Path:

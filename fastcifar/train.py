@@ -61,6 +61,7 @@ class Session:
     profiler: StepProfiler | None = None  # --profile: called after every step until it has written its files
     eval_warmed: bool = field(default=False)  # evaluated once: a compiled eval model has compiled
     dataset: Dataset | None = None  # what the loaders hold
+    val_loader: EvalLoader | None = None  # --val-split: the held-out training images, evaluated like the test set
 
     def autocast(self):
         return autocast(self.res)
@@ -85,7 +86,7 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
     if info.enabled:
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[res.device.index] if res.device.type == "cuda" else None)
-    train_loader, eval_loader = _make_loaders(cfg, ds, res, info, notice)
+    train_loader, eval_loader, val_loader = _make_loaders(cfg, ds, res, info, notice)
     steps = len(train_loader)
     optimizer = build_optimizer(cfg, model, res.device, capturable=res.cuda_graphs)
     schedule = LRSchedule(optimizer, cfg.scheduler, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
@@ -103,7 +104,8 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
                 monitor, loss_fn or functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
                 step_losses=torch.zeros(steps, device=res.device),
                 step_correct=torch.zeros(steps, device=res.device, dtype=torch.int64),
-                step_index=torch.zeros((), device=res.device, dtype=torch.int64), dataset=ds)
+                step_index=torch.zeros((), device=res.device, dtype=torch.int64), dataset=ds,
+                val_loader=val_loader)
     step, zero_grad = functools.partial(train_step, s), functools.partial(optimizer.zero_grad, set_to_none=True)
     if res.cuda_graphs:
         s.stepper = GraphedStep(step, zero_grad, (False, True) if monitor else (False,), notice)
@@ -133,15 +135,15 @@ def reset_session(s: Session, cfg: TrainConfig, ds: Dataset, notice: Callable[[s
         s.ema.load_state_dict({"model": s.model.state_dict(), "count": 0})
     s.scaler = torch.amp.GradScaler(s.res.device.type, enabled=s.res.grad_scaler)  # fp16 only: never captured
     if ds is not s.dataset:
-        s.train_loader, s.eval_loader = _make_loaders(cfg, ds, s.res, s.info, notice)
+        s.train_loader, s.eval_loader, s.val_loader = _make_loaders(cfg, ds, s.res, s.info, notice)
         s.dataset = ds
     s.train_loader.seed = cfg.seed
     s.cfg = cfg
 
 
 def _make_loaders(cfg: TrainConfig, ds: Dataset, res: Resolved, info: dist.DistInfo,
-                  notice: Callable[[str], None]) -> tuple[TrainLoader, EvalLoader]:
-    """The train and eval loaders of `res.loader`; DALI that imports but cannot start falls back to torch."""
+                  notice: Callable[[str], None]) -> tuple[TrainLoader, EvalLoader, EvalLoader | None]:
+    """The train, test and (--val-split) validation loaders of `res.loader`; DALI that imports but cannot start falls back to torch."""
     data_dtype = res.amp_dtype or torch.float32  # the loader casts once; autocast then keeps it
     common = dict(device=res.device, dtype=data_dtype, channels_last=res.channels_last, rank=info.rank,
                   world_size=info.world_size, mean=ds.mean, std=ds.std)
@@ -163,7 +165,10 @@ def _make_loaders(cfg: TrainConfig, ds: Dataset, res: Resolved, info: dist.DistI
         notice(f"loader: torch (GPU-resident torch ops), not DALI: DALI failed to start ({why})")
         res.loader = "torch"
         train_loader, eval_loader = loaders(res.loader)
-    return train_loader, eval_loader
+    val_loader = None  # --val-split: the held-out training images; the test set's batch shape, so no second graph
+    if ds.val_labels is not None:
+        val_loader = make_eval_loader(res.loader, ds.val_images, ds.val_labels, res.eval_batch_size, **common)
+    return train_loader, eval_loader, val_loader
 
 
 def train_step(s: Session, images: torch.Tensor, labels: torch.Tensor, monitored: bool = False) -> None:
@@ -274,11 +279,15 @@ def autocast(res: Resolved):
 
 
 def evaluate(s: Session) -> dict:
-    """Loss and accuracy over the test set (the EMA weights with --ema), with flip TTA too when --tta flip.
-    The first call of a compiled model is timed apart as compile_s."""
+    """Loss and accuracy over the test set (the EMA weights with --ema), with flip TTA too when --tta flip, and
+    over the validation set as val_* under --val-split. The first call of a compiled model is timed apart as
+    compile_s."""
     result = evaluate_model(s.eval_model, s.eval_loader, s.res, s.cfg.tta, s.info,
                             time_first_batch=s.res.compile and not s.eval_warmed)
     s.eval_warmed = True
+    if s.val_loader is not None:
+        val = evaluate_model(s.eval_model, s.val_loader, s.res, s.cfg.tta, s.info)
+        result.update({k.replace("test_", "val_"): v for k, v in val.items() if k != "compile_s"})
     return result
 
 

@@ -448,6 +448,35 @@ def test_cutout_squares_are_legal_and_their_centres_uniform(kind):
     assert chi2_uniform(centres[0]) < 61.10 and chi2_uniform(centres[1]) < 61.10
 
 
+def _kernels_per_epoch(spec: str, num_images: int) -> int:
+    """How many tensor kernels (views not counted) one epoch of the torch loader launches, batch 32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastcifar.data.augment import parse_augment
+
+    class Count(TorchDispatchMode):
+        kernels = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.kernels += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    images, labels = random_set(num_images, seed=3)
+    loader = train_loader("torch", images, labels, 32, augment=parse_augment(spec), channels_last=True)
+    with Count() as count:
+        _epoch(loader, 0)
+    return count.kernels
+
+
+def test_torch_cutout_is_two_kernels_per_batch():
+    """Cutout in the torch loader: the boxes become row/column masks once per epoch, and a batch then costs one
+    broadcast (its mask) and one multiply, on any device; no per-image loop, no mask built from ten small ops."""
+    per_epoch = {n: _kernels_per_epoch("crop,flip,cutout=8", n) - _kernels_per_epoch("crop,flip", n)
+                 for n in (256, 512)}  # 8 and 16 batches
+    assert (per_epoch[512] - per_epoch[256]) / 8 == 2
+    assert per_epoch[256] - 8 * 2 <= 8  # the epoch's row/column masks
+
+
 # --------------------------------------------------------------------------------------------------------------
 # On a GPU kept busy: the DALI hand-off (input copied on torch's stream, output bound to it) and the torch loader
 # must still give each label its own image. Skipped without CUDA; run by benchmarks/gpu_evidence.sh.

@@ -17,7 +17,7 @@ from fastcifar.config import default_grad_epochs
 from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import parameterised_layers
 from fastcifar.report import build_figures, make_report
-from fastcifar.report.common import FLAG_COLOR
+from fastcifar.report.common import FLAG_COLOR, REF_COLOR
 
 LAYERS = [name for name, _ in parameterised_layers(resnet18_cifar())]
 PNGS = ["training_curves.png", "gradient_flow.png", "weight_updates.png"]
@@ -224,13 +224,17 @@ def test_zero_norms_of_a_zero_init_run_at_step_0_are_no_alarm(tmp_path):
     _write_jsonl(run / "grad_flow.jsonl", [{**r, "norm": 0.0, "rms": 0.0} if r["step"] == 0 and r["layer"] in branch
                                            else r for r in _read_jsonl(run / "grad_flow.jsonl")])
     config = json.loads((run / "config.json").read_text())
-    for zero_init, colour in ((True, "darkgreen"), (False, FLAG_COLOR)):
+    for zero_init, colour in ((True, "k"), (False, FLAG_COLOR)):  # black, not green: no verdict of health
         config["config"]["zero_init_residual"] = zero_init
         (run / "config.json").write_text(json.dumps(config))
-        title = next(ax.title for ax in build_figures(run)["gradient_flow.png"].axes
-                     if "vs limits" in ax.get_title())
+        fig = build_figures(run)["gradient_flow.png"]
+        title = next(ax.title for ax in fig.axes if "vs limits" in ax.get_title())
         assert title.get_text().startswith("no layer flagged; range 0–")
         assert ("by design" in title.get_text()) == zero_init and title.get_color() == colour
+        markers = {line.get_label(): line.get_color() for ax in fig.axes for line in ax.lines
+                   if "exactly 0" in line.get_label()}  # the zero markers: grey when by design, red otherwise
+        assert markers == ({"exactly 0 at step 0, by design (zero-initialised)": REF_COLOR} if zero_init
+                           else {"a sampled norm was exactly 0": FLAG_COLOR})
 
 
 def test_weight_updates_leave_out_undefined_ratios_of_zero_initialised_layers(tmp_path):
@@ -339,3 +343,62 @@ def test_report_module_stays_light():
             "print(sorted(m for m in ('torch', 'fastcifar.monitor', 'fastcifar.train') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_accuracy_has_a_chance_line_and_validation_chooses_the_circled_epoch(tmp_path):
+    run = fabricate_run(tmp_path / "run", epochs=4, monitor=False)
+    metrics = _read_jsonl(run / "metrics.jsonl")
+    for row, val in zip(metrics, [0.2, 0.6, 0.4, 0.3]):  # validation peaks at epoch 1, the test at epoch 3
+        row["val_acc"] = val
+    _write_jsonl(run / "metrics.jsonl", metrics)
+    fig = build_figures(run)["training_curves.png"]
+    chance = _lines(fig)["chance"]
+    assert list(chance.get_ydata()) == [10, 10] and chance.get_label() == "chance (10%)"
+    np.testing.assert_allclose(_lines(fig)["val_acc"].get_ydata(), [20, 60, 40, 30])
+    ax = _axes_of(fig, "val_acc")
+    circled = ax.collections[0]
+    assert circled.get_label().startswith("chosen on validation: epoch 1, test ")
+    np.testing.assert_allclose(circled.get_offsets()[0], [2, 100 * metrics[1]["test_acc"]])
+
+
+def test_gradient_flow_shows_the_vanishing_limit_in_rms_terms_per_layer(tmp_path):
+    """The flags test the norm against --grad-low; the top panel plots RMS = norm/√numel, so the limit a layer
+    meets there is grad_low/√numel: drawn per layer, not left for the reader to confuse with the RMS values."""
+    run = fabricate_run(tmp_path / "run", epochs=1, flagged=None)
+    numel = {r["index"]: r["numel"] for r in _read_jsonl(run / "grad_flow.jsonl")}
+    limits = _lines(build_figures(run)["gradient_flow.png"])["limit:vanishing-rms"]
+    np.testing.assert_allclose(limits.get_ydata(), [1e-7 / math.sqrt(numel[i]) for i in range(len(LAYERS))])
+
+
+def test_weight_updates_say_what_healthy_looks_like_without_a_self_referencing_line(tmp_path):
+    fig = build_figures(fabricate_run(tmp_path / "run", epochs=2))["weight_updates.png"]
+    titles = " ".join(ax.get_title() for ax in fig.axes)
+    assert titles.count("Healthy:") == 2 and "a row of even colour follows the LR" not in titles
+    labels = [line.get_label() for ax in fig.axes for line in ax.lines]
+    assert not any("median" in label and "reference" in label for label in labels)  # the run's own median is gone
+
+
+def test_zero_initialised_rows_are_hatched_and_kept_off_the_colour_scale(tmp_path):
+    """--zero-init-residual: each block's bn2 starts at ||W|| = 0, so its ratio is undefined at epoch 0 and huge
+    while ||W|| grows: hatched and labelled, not the top of a scale that makes it read as exploding."""
+    run = fabricate_run(tmp_path / "run", epochs=3, flagged=None)
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["zero_init_residual"] = True
+    (run / "config.json").write_text(json.dumps(config))
+    bn2 = [n for n in LAYERS if n.endswith(".bn2") and n.startswith("layer")]
+    growing = {0: 1e28, 1: 5.0, 2: 0.5}  # undefined, then 1000x the others, then settling
+    _write_jsonl(run / "updates.jsonl", [{**r, "ratio": growing[r["epoch"]]} if r["layer"] in bn2 else r
+                                         for r in _read_jsonl(run / "updates.jsonl")])
+    fig = build_figures(run)["weight_updates.png"]
+    heat = next(ax for ax in fig.axes if ax.images)
+    others = [r["ratio"] / r["lr"] for r in _read_jsonl(run / "updates.jsonl")
+              if r["scope"] == "epoch" and r["layer"] not in bn2 and r["ratio"]]
+    assert heat.images[0].norm.vmax == pytest.approx(max(others))
+    assert sorted(p.get_gid() for p in heat.patches) == sorted(f"zero-init:{n}" for n in bn2)
+    assert [t.get_text() for t in heat.get_yticklabels() if "(zero-init)" in t.get_text()] == [
+        f"{n} (zero-init)" for n in bn2]
+    assert "hatched: zero-initialised" in heat.get_xlabel()
+    white = heat.images[1].get_array()  # the overlay: off the scale, whole rows of the zero-init layers
+    assert all(np.ma.getdata(white)[LAYERS.index(n)].tolist() == [1.0, 1.0, 1.0] for n in bn2)
+    norm_band = _lines(fig)["update:norm"]
+    assert max(norm_band.get_ydata()) < 1e3 and "(not zero-init)" in norm_band.get_label()

@@ -98,7 +98,10 @@ def test_eval_takes_its_own_flags_and_this_machines_precision(two_epochs, tmp_pa
     assert main(["eval", str(tmp_path / "gpu.pt"), "--device", "cpu"]) == 0, capsys.readouterr().err
 
 
-def test_the_readme_loads_best_pt_in_three_lines(two_epochs):
+def test_the_readme_loads_best_pt_in_three_lines_and_classifies_as_training_did(two_epochs):
+    from fastcifar.data.augment import Normalizer
+    from fastcifar.data.cifar import SYNTHETIC_DATA_SEED, make_synthetic
+
     readme = (REPO / "README.md").read_text()
     snippet = re.search(r"<!-- load-best -->\s*```python\n(.*?)```", readme, re.S).group(1)
     code = [line for line in snippet.splitlines() if line.strip()]
@@ -107,6 +110,17 @@ def test_the_readme_loads_best_pt_in_three_lines(two_epochs):
     exec(snippet.replace("runs/RUN", str(two_epochs)), namespace)
     best = torch.load(two_epochs / "best.pt", weights_only=False)["model"]
     assert all(torch.equal(v, best[k]) for k, v in namespace["model"].state_dict().items())
+    # the next snippet: inputs in [0, 1], normalised with the stored mean/std, give the class names of the
+    # predictions on the loader's normalisation of the same pixels
+    classify = re.search(r"<!-- classify -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    pixels = torch.from_numpy(make_synthetic(20, 10, seed=SYNTHETIC_DATA_SEED).train_images).permute(0, 3, 1, 2)
+    namespace["x"] = pixels.float() / 255
+    printed = []
+    namespace["print"] = printed.append
+    with torch.no_grad():
+        exec(classify, namespace)
+        want = namespace["model"](Normalizer()(pixels)).argmax(1)
+    assert printed == [[f"synthetic-{i}" for i in want.tolist()]]
 
 
 def test_paths_expand_home_and_environment_variables(tmp_path, monkeypatch, capsys):

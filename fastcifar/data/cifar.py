@@ -53,6 +53,8 @@ class Dataset:
     synthetic: bool = False
     mean: tuple[float, ...] = CIFAR10_MEAN  # per-channel normalisation in [0, 1] units
     std: tuple[float, ...] = CIFAR10_STD
+    val_images: np.ndarray | None = None  # --val-split: training images held out to choose the best epoch
+    val_labels: np.ndarray | None = None
 
 
 def default_data_dir() -> Path:
@@ -262,4 +264,21 @@ def take_subsets(ds: Dataset, train_subset: int | None, test_subset: int | None,
         ds.test_images, ds.test_labels = ds.test_images[idx], ds.test_labels[idx]
     if train_subset or test_subset:
         ds.description += f", subset {len(ds.train_labels)} train / {len(ds.test_labels)} test"
+    return ds
+
+
+def hold_out_validation(ds: Dataset, size: int, seed: int) -> Dataset:
+    """--val-split: move a seeded, class-balanced `size` of the training images into a validation set (the
+    training set keeps its order), so that choosing the best epoch never looks at the test set."""
+    if not size:
+        return ds
+    if size >= len(ds.train_labels):
+        raise FastCifarError(f"--val-split {size} leaves no training images: the training set has "
+                             f"{len(ds.train_labels):,} ({ds.description}); pass fewer.")
+    held = balanced_subset(ds.train_labels, size, seed + 2)  # seed + 2: apart from the subsets' draws
+    keep = np.ones(len(ds.train_labels), dtype=bool)
+    keep[held] = False
+    ds.val_images, ds.val_labels = ds.train_images[held], ds.train_labels[held]
+    ds.train_images, ds.train_labels = ds.train_images[keep], ds.train_labels[keep]
+    ds.description += f", {size:,} training images held out for validation"
     return ds

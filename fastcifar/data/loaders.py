@@ -14,7 +14,7 @@ import torch
 
 from fastcifar import FastCifarError
 from fastcifar.data.augment import (CIFAR_MEAN, CIFAR_STD, DEFAULT_AUGMENT, SIZE, AugmentSpec, Normalizer, crop_flip,
-                                    cutout_mask, pad_images)
+                                    cutout_keep, cutout_mask, pad_images)
 from fastcifar.data.plan import IGNORE_LABEL, EpochPlan, PlannedTrainLoader, eval_batches, eval_shard, to_nchw_tensor
 
 __all__ = ["IGNORE_LABEL", "LOADER_KINDS", "TorchEvalLoader", "TorchTrainLoader", "TorchvisionTrainLoader",
@@ -25,7 +25,7 @@ LOADER_KINDS = ("dali", "torch", "torchvision")  # config.LOADERS adds "auto"
 
 class TorchTrainLoader(PlannedTrainLoader):
     """GPU-resident: the uint8 set is padded once and kept on the device; crop, flip, normalisation and cutout
-    are a gather, a multiply-add and a masked multiply there. The plan moves to the device once per epoch."""
+    are a gather, a multiply-add, one broadcast mask and a multiply there. The plan moves to the device once per epoch."""
 
     name = "torch"
 
@@ -42,13 +42,13 @@ class TorchTrainLoader(PlannedTrainLoader):
         order, offset_y, offset_x, flip, boxes = (torch.from_numpy(a).to(self.device) if a is not None else None
                                                   for a in (plan.order, plan.offset_y, plan.offset_x, plan.flip,
                                                             plan.boxes))
+        keep_rows, keep_cols = cutout_keep(boxes) if boxes is not None else (None, None)
         b = self.batch_size
         for step in range(len(self)):
             w = slice(step * b, (step + 1) * b)
+            keep = cutout_mask(keep_rows[w], keep_cols[w]) if boxes is not None else None
             images = self.normalize(crop_flip(self.padded, order[w], offset_y[w], offset_x[w], flip[w]),
-                                    self.dtype, self.channels_last)
-            if boxes is not None:
-                images = images.mul_(cutout_mask(boxes[w]))  # in place: keeps the memory format
+                                    self.dtype, self.channels_last, keep=keep)
             yield images, self.labels[order[w]]
 
 

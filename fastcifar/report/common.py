@@ -87,6 +87,14 @@ def _load(run_dir: Path) -> dict:
     return d
 
 
+def _num_classes(d: dict) -> int:
+    """The class count of the run (its resolved config when recorded; CIFAR-100's name; else CIFAR-10's 10)."""
+    n = d["resolved"].get("num_classes") or d["config"].get("num_classes")
+    if isinstance(n, int) and n > 1:
+        return n
+    return 100 if "100" in str(d["config"].get("dataset", "")) else 10
+
+
 def _title(run_dir: Path, d: dict, what: str) -> str:
     parts = [what, f"run {run_dir.name}"]
     parts += [f"recipe {d['config']['recipe']}"] if d["config"].get("recipe") else []

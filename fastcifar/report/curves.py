@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from fastcifar.report.common import DPI, _log_y, _num, _readable_log, _schedule, _sci, _title
+from fastcifar.report.common import DPI, REF_COLOR, _log_y, _num, _num_classes, _readable_log, _schedule, _sci, _title
 
 
 # --- Figure 1 ------------------------------------------------------------------------------------------
@@ -24,7 +24,8 @@ def training_curves(run_dir: Path, d: dict) -> Figure:
     m, spe = d["metrics"], d["spe"]
     epochs = np.array([r["epoch"] for r in m])
     col = {k: np.array([_num(r.get(k)) for r in m]) for k in
-           ("train_loss", "test_loss", "train_acc", "test_acc", "test_loss_tta", "test_acc_tta")}
+           ("train_loss", "test_loss", "train_acc", "test_acc", "test_loss_tta", "test_acc_tta", "val_acc",
+            "val_acc_tta")}
     fig = Figure(figsize=(15, 6.4), dpi=DPI, layout="constrained")
     axd = fig.subplot_mosaic([["loss", "acc"], ["lr", "acc"]], height_ratios=[3, 1], width_ratios=[1.5, 1])
     ax_loss, ax_acc, ax_lr = axd["loss"], axd["acc"], axd["lr"]
@@ -57,13 +58,21 @@ def training_curves(run_dir: Path, d: dict) -> Figure:
         top.xaxis.set_major_locator(MaxNLocator(integer=True))
         top.set_xlabel("global step", fontsize=9)
 
-    headline, name = col["test_acc"], "test"
-    if np.isfinite(col["test_acc_tta"]).any():  # with --tta flip the run's headline number is the TTA one
-        headline, name = col["test_acc_tta"], "test (flip TTA)"
-    if np.isfinite(headline).any():
+    tta = np.isfinite(col["test_acc_tta"]).any()  # with --tta flip the run's headline number is the TTA one
+    headline, name = (col["test_acc_tta"], "test (flip TTA)") if tta else (col["test_acc"], "test")
+    val = col["val_acc_tta"] if tta and np.isfinite(col["val_acc_tta"]).any() else col["val_acc"]
+    if np.isfinite(val).any():  # --val-split: validation picks the best epoch; the test is reported for it
+        ax_acc.plot(end, 100 * val, color="C2", gid="val_acc", label="validation (held-out training images)", **dot)
+        best = int(np.nanargmax(val))
+        ax_acc.scatter([end[best]], [100 * headline[best]], s=110, facecolors="none", edgecolors="k", zorder=3,
+                       label=f"chosen on validation: epoch {epochs[best]}, {name} {100 * headline[best]:.2f}%")
+    elif np.isfinite(headline).any():
         best = int(np.nanargmax(headline))
         ax_acc.scatter([end[best]], [100 * headline[best]], s=110, facecolors="none", edgecolors="k", zorder=3,
                        label=f"best {name} {100 * headline[best]:.2f}% (epoch {epochs[best]})")
+    # Chance: what a model that learned nothing scores; an accuracy near it is no progress, however the axis zooms.
+    chance = 100 / _num_classes(d)
+    ax_acc.axhline(chance, color=REF_COLOR, ls="--", lw=1, gid="chance", label=f"chance ({chance:g}%)")
     ax_acc.set(title="Accuracy", ylabel="accuracy (%)")
     ax_acc.margins(y=0.12)
 

@@ -4,6 +4,7 @@ apart, the margin to the flag limits) and weight_updates.png (||dW||/||W|| divid
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from fastcifar.config import default_grad_epochs
@@ -128,14 +129,26 @@ def gradient_flow(run_dir: Path, d: dict) -> Figure:
     if flagged:
         handles.append(Patch(color=FLAG_COLOR, alpha=0.3, label="flagged layer (red name)"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1), borderaxespad=0)
+    lo, hi = _num(d["config"].get("grad_low", 1e-7)), _num(d["config"].get("grad_high", 1e3))
+    numel = {pos[r["layer"]]: _num(r.get("numel")) for r in rows}
+    limit_title = ""
+    if rms and lo > 0 and all(numel.get(i, 0) > 0 for i in range(len(layers))):
+        # The flags test the norm, not the RMS: in RMS terms a layer's vanishing limit is grad_low / √numel, so
+        # a large conv layer is flagged only some decades below the grad_low line a reader would look for.
+        ax.plot(range(len(layers)), [lo / math.sqrt(numel[i]) for i in range(len(layers))], ls="none", marker="_",
+                ms=9, mew=1.5, color=FLAG_COLOR, gid="limit:vanishing-rms")
+        handles.append(Line2D([], [], ls="none", marker="_", ms=9, mew=1.5, color=FLAG_COLOR,
+                              label=f"vanishing flag limit in RMS terms\n(--grad-low {_sci(lo)} ÷ √numel)"))
+        limit_title = "; red dashes: where the vanishing flag would fire for that layer"
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1), borderaxespad=0)
     _log_y(ax, *(means[e] for e in chosen))
     ax.set(ylabel=("RMS gradient = ||grad|| / √numel" if rms else "||grad||_2 (older file: no numel)") +
            "\n(mean over the epoch's samples)",
-           title="Per-layer RMS gradient: comparable across layer sizes" if rms else "Per-layer gradient norm")
+           title=("Per-layer RMS gradient: comparable across layer sizes" if rms else "Per-layer gradient norm")
+           + limit_title)
 
     # The flags test each sampled norm (not the RMS) against grad_low/grad_high: each layer's min-max norm over
     # all samples, between the two limits, and the margin said in words.
-    lo, hi = _num(d["config"].get("grad_low", 1e-7)), _num(d["config"].get("grad_high", 1e3))
     every = np.concatenate([np.asarray(v) for v in norms.values()])
     by_design = sum(1 for r in rows if r["step"] == 0 and _num(r.get("norm")) == 0) \
         if d["config"].get("zero_init_residual") else 0
@@ -154,12 +167,19 @@ def gradient_flow(run_dir: Path, d: dict) -> Figure:
     span = np.concatenate([_positive(every), _positive([lo, hi])])
     if np.isfinite(span).any():
         ax_m.set_ylim(_nanstat(np.nanmin, span) / 30, _nanstat(np.nanmax, span) * 30)
-    zero = [i for i, v in norms.items() if any(x == 0 for x in v)]  # log axes cannot show 0: mark it at the floor
-    if zero:
-        floor = ax_m.get_ylim()[0] * 1.5
-        ax_m.plot(zero, [floor] * len(zero), "v", color=FLAG_COLOR, ms=7, label="a sampled norm was exactly 0")
+    # Log axes cannot show 0: mark it at the floor; grey where it is by design (step 0 of --zero-init-residual,
+    # not flagged by the monitor), red otherwise.
+    design = {pos[r["layer"]] for r in rows if r["step"] == 0 and _num(r.get("norm")) == 0} if by_design else set()
+    other = {pos[r["layer"]] for r in rows if _num(r.get("norm")) == 0 and not (r["step"] == 0 and by_design)}
+    floor = ax_m.get_ylim()[0] * 1.5
+    for zero, color, label in ((sorted(design), REF_COLOR, "exactly 0 at step 0, by design (zero-initialised)"),
+                               (sorted(other), FLAG_COLOR, "a sampled norm was exactly 0")):
+        if zero:
+            ax_m.plot(zero, [floor] * len(zero), "v", color=color, ms=7, label=label)
+    if design or other:
         ax_m.legend(fontsize=8, loc="lower right")
-    ax_m.set_title(text, color=FLAG_COLOR if alarm else "darkgreen", fontsize=11, fontweight="bold")
+    # Red when something is wrong; otherwise black, not green: limits this wide cannot certify a healthy run.
+    ax_m.set_title(text, color=FLAG_COLOR if alarm else "k", fontsize=11, fontweight="bold")
     ax_m.set(ylabel="||grad||_2, min–max\nover all samples", xlabel="layer (forward order)")
     for i in (pos[n] for n in flagged & set(pos)):
         for a in (ax, ax_m):
@@ -197,38 +217,64 @@ def _update_grid(d: dict, rows: list[dict], pos: dict[str, int], key: str):
     return np.array(cols), _positive(grid), normed, mask
 
 
+ZERO_INIT_LAYER = re.compile(r"^layer\d+\.\d+\.bn2$")  # what --zero-init-residual starts at 0 (torchvision)
+
+
+def _zero_initialised(d: dict, layers: list[str]) -> set[str]:
+    """Layers whose weights start at 0: the residual branches' last BatchNorm under --zero-init-residual, and any
+    layer the monitor found with ||W|| ≈ 0 (its ratio undefined). Their ||ΔW||/||W|| is large while ||W|| grows
+    from 0: expected, and no measure of the other layers' health."""
+    named = {n for n in layers if ZERO_INIT_LAYER.match(n)} if d["config"].get("zero_init_residual") else set()
+    return named | {r["layer"] for r in d["updates"] if _num(r.get("ratio")) > UNDEFINED_RATIO}
+
+
 def weight_updates(run_dir: Path, d: dict) -> Figure:
     epoch_rows = [r for r in d["updates"] if r.get("scope") == "epoch"]
     step_rows = [r for r in d["updates"] if r.get("scope") == "step"]
     pos = _layers(d["updates"])
     layers, kinds = list(pos), {r["layer"]: _kind(r) for r in d["updates"]}
-    groups = _groups(layers, kinds)
+    zero_init = _zero_initialised(d, layers)
+    groups = {g: [i for i in idx if layers[i] not in zero_init] for g, idx in _groups(layers, kinds).items()}
     fig = Figure(figsize=(17, max(8, 0.2 * len(layers) + 2.5)), dpi=DPI, layout="constrained")
     ax_heat, ax_step = fig.subplots(1, 2, width_ratios=[1, 1.25])
 
     if epoch_rows:
         epochs, grid, normed, undefined = _update_grid(d, epoch_rows, pos, "epoch")
-        vals = grid[np.isfinite(grid)]
+        zero_rows = np.array([n in zero_init for n in layers])
+        vals = grid[~zero_rows][np.isfinite(grid[~zero_rows])]  # the scale is the other layers': a zero-init
+        vals = vals if vals.size else grid[np.isfinite(grid)]    # row growing from 0 would saturate it
         norm = LogNorm(vals.min(), max(vals.max(), vals.min() * 1.01)) if vals.size else None
         # Missing/zero updates are grey, not a colour on the scale.
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
         image = ax_heat.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-        if undefined.any():  # white, apart from both the scale and the grey of a missing value
-            ax_heat.imshow(np.where(undefined, 1.0, np.nan), aspect="auto", cmap=ListedColormap(["white"]),
+        # White, apart from both the scale and the grey of a missing value: undefined ratios, and the whole row of
+        # a zero-initialised layer (its ratio says how fast ||W|| grows from 0; on the scale it reads as exploding)
+        off_scale = undefined | (zero_rows[:, None] & np.isfinite(grid))
+        if off_scale.any():
+            ax_heat.imshow(np.where(off_scale, 1.0, np.nan), aspect="auto", cmap=ListedColormap(["white"]),
                            interpolation="nearest")
+        for i in np.flatnonzero(zero_rows):  # hatched: read apart from the scale
+            ax_heat.add_patch(Rectangle((-0.5, i - 0.5), len(epochs), 1, fill=False, hatch="///", ec="0.35", lw=0,
+                                        gid=f"zero-init:{layers[i]}"))
         if vals.size:
-            _readable_log(fig.colorbar(image, ax=ax_heat, pad=0.01, label="(||ΔW|| / ||W|| over the epoch)" +
+            _readable_log(fig.colorbar(image, ax=ax_heat, pad=0.01, extend="both",
+                                       label="(||ΔW|| / ||W|| over the epoch)" +
                                        (" ÷ the epoch's mean LR" if normed else "")))
         else:
             _note(ax_heat, "no finite positive values", FLAG_COLOR)
         stride = max(1, math.ceil(len(epochs) / 25))
         ax_heat.set_xticks(range(0, len(epochs), stride), [str(e) for e in epochs[::stride]])
-        ax_heat.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax_heat.set_yticks(range(len(layers)), [n + (" (zero-init)" if n in zero_init else "") for n in layers],
+                           fontsize=7)
         _style_layer_labels(ax_heat.get_yticklabels(), kinds, {n for v in _flagged(d["metrics"]).values() for n in v})
         white = "\nwhite: undefined, ||W|| ≈ 0 at the epoch's start (zero-initialised)" if undefined.any() else ""
-        ax_heat.set(xlabel="epoch (0-based)" + white, ylabel="layer (forward order, top = input)",
-                    title="Update over each epoch " + ("÷ LR: a row of even colour follows the LR" if normed
-                                                       else "(no LR recorded: not normalised)"))
+        hatched = ("\nhatched: zero-initialised layers, left off the scale (their ratio is large while ||W|| grows "
+                   "from 0: expected);\nthe branches' other layers get ≈0 gradient until then, so their rows "
+                   "brighten over the first epochs, by design" if zero_rows.any() else "")
+        ax_heat.set(xlabel="epoch (0-based)" + white + hatched, ylabel="layer (forward order, top = input)",
+                    title=("Update over each epoch ÷ LR. Healthy: colours drift slowly along a row\n(gradients "
+                           "shrink as the loss falls, weights grow); a sudden jump between epochs is the alarm")
+                    if normed else "Update over each epoch (no LR recorded: not normalised)")
     else:
         ax_heat.set_axis_off()
         _note(ax_heat, "no per-epoch update rows")
@@ -240,24 +286,24 @@ def weight_updates(run_dir: Path, d: dict) -> Figure:
             ax_step.text(0.01, 0.01, f"{n} ratio{'s' * (n > 1)} > {_sci(UNDEFINED_RATIO)} left out: ||W|| ≈ 0 "
                          "before the step (zero-initialised)", transform=ax_step.transAxes, fontsize=8, color=REF_COLOR)
         marker = {"marker": "o", "ms": 2.5} if len(steps) <= 60 else {}
-        # conv and norm layers apart: their typical levels differ, so one band over both says little.
+        # conv and norm layers apart: their typical levels differ, so one band over both says little; the
+        # zero-initialised layers (growing from 0) are left out of the BatchNorm band.
         for group, color, ls, what in (("weights", "k", "-", "conv / fc"), ("norm", "0.4", ":", "BatchNorm")):
             if groups[group]:
                 q25, med, q75 = _nanstat(np.nanpercentile, ratios[:, groups[group]], [25, 50, 75], axis=1)
                 ax_step.fill_between(steps, q25, q75, color=color, alpha=0.12, lw=0)
+                left_out = " (not zero-init)" if group == "norm" and zero_init else ""
                 ax_step.plot(steps, med, color=color, ls=ls, lw=2.2, zorder=3, gid=f"update:{group}",
-                             label=f"{what} layers: median, 25–75% band", **marker)
-        # A neutral reference, not a verdict: the run's own typical level. Normalised by the LR, a healthy run
-        # stays near it however the LR decays.
-        ref = _nanstat(np.nanmedian, ratios[:, groups["weights"] or slice(None)])
-        if math.isfinite(ref):
-            ax_step.axhline(ref, color=REF_COLOR, ls="--", lw=1, label=f"reference: run median {_sci(ref)}")
+                             label=f"{what} layers{left_out}: median, 25–75% band", **marker)
         _log_y(ax_step, ratios)
         _readable_log(ax_step)
         ax_step.set(xlabel="global step (sampled steps)",
                     ylabel="(||ΔW|| / ||W|| of one step) ÷ its LR" if normed else "||ΔW|| / ||W|| of one step",
-                    title="One optimizer step's update " + ("÷ the LR that made it: flat = follows the LR"
-                                                            if normed else "(no LR recorded: not normalised)"))
+                    title="One optimizer step's update " + (
+                        "÷ the LR that made it.\nHealthy: level or slowly falling once under way; a rise of 10× or more "
+                        "then is an instability" + ("\n(early rises: momentum building up"
+                                                    + (", zero-initialised branches waking up" if zero_init else "")
+                                                    + ")") if normed else "(no LR recorded: not normalised)"))
         ax_step.xaxis.set_major_locator(MaxNLocator(integer=True))
         lr_x, lr = _schedule(d)
         if d["spe"] and lr.size:  # the schedule itself, thin, for comparison
