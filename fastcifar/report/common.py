@@ -88,11 +88,9 @@ def _load(run_dir: Path) -> dict:
 
 
 def _num_classes(d: dict) -> int:
-    """The class count of the run (its resolved config when recorded; CIFAR-100's name; else CIFAR-10's 10)."""
-    n = d["resolved"].get("num_classes") or d["config"].get("num_classes")
-    if isinstance(n, int) and n > 1:
-        return n
-    return 100 if "100" in str(d["config"].get("dataset", "")) else 10
+    """The class count of the run (its resolved config's `classes`; runs written before it: 10)."""
+    n = d["resolved"].get("classes")
+    return n if isinstance(n, int) and n > 1 else 10
 
 
 def _title(run_dir: Path, d: dict, what: str) -> str:
