@@ -6,6 +6,7 @@ on an indented line under it.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import textwrap
 
@@ -132,3 +133,9 @@ def summary_table(summary: dict) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{'Metric':<{width}} | Value", f"{'-' * width}-+-{'-' * 40}"]
     return "\n".join([*lines, *(f"{k:<{width}} | {v}" for k, v in rows)])
+
+
+def shell_command(*words) -> str:
+    """A command (or path) a message tells the user to paste: each word shell-quoted, so a run directory with a
+    space, quote or non-ASCII name still pastes as one argument."""
+    return " ".join(shlex.quote(str(word)) for word in words)
