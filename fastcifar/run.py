@@ -529,9 +529,9 @@ class TrainingRun:
             # only what applies to this run: --amp off where it trains in reduced precision
             options = f"a lower --lr (this run: {self.cfg.lr:g})" + (
                 f" or --amp off (this run: {self.res.precision})" if self.res.amp_dtype is not None else "")
-            raise TrainingDiverged(f"{exc} {kept}. " + (
-                f"Resuming would repeat the same steps: start again with {options}, in another --run-dir."
-                if saved else f"{self._restart_hint(f' with {options}')}.")) from None
+            raise TrainingDiverged(f"{exc} {kept}" + (
+                f". Resuming would repeat the same steps: start again with {options}, in another --run-dir."
+                if saved else f": {self._restart_hint(f' with {options}')}.")) from None
         if isinstance(exc, CannotWrite):
             fix = "free some space" if isinstance(exc, NoSpace) else "make it writable again"
             raise FastCifarError(f"{exc}. {kept}: {fix}, then " + (
