@@ -533,7 +533,7 @@ class TrainingRun:
                 f". Resuming would repeat the same steps: start again with {options}, in another --run-dir."
                 if saved else f": {self._restart_hint(f' with {options}')}.")) from None
         if isinstance(exc, CannotWrite):
-            fix = "free some space" if isinstance(exc, NoSpace) else "make it writable again"
+            fix = "free some space" if isinstance(exc, NoSpace) else "make it (and its folder) writable again"
             raise FastCifarError(f"{exc}. {kept}: {fix}, then " + (
                 f"continue with: {resume}" if saved else f"{self._restart_hint()}.")) from None
         if isinstance(exc, KeyboardInterrupt):

@@ -66,7 +66,8 @@ def test_sighup_stops_like_sigterm_unless_nohup_ignored_it(tmp_path, ignored):
         assert result.returncode == 0 and [r["epoch"] for r in rows(run)] == [0, 1]
     else:
         assert result.returncode == 129, result.stderr[-2000:]
-        assert "stopped by SIGHUP" in result.stdout and f"continue with: fastcifar train --resume {run}" in result.stdout
+        assert "stopped by SIGHUP" in result.stdout
+        assert f"continue with: fastcifar train --resume {run}" in result.stdout
         assert [r["epoch"] for r in rows(run)] == [0]
         assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
 
@@ -119,8 +120,8 @@ def test_a_run_file_made_read_only_mid_run_is_one_line_and_the_checkpoint_stays(
     assert main(["train", *TINY_FLAGS, "--epochs", "2", "--run-dir", str(run)]) == 1
     err = capsys.readouterr().err
     assert f"cannot write {run / 'metrics.jsonl'}: permission denied. The last good checkpoint is " \
-           f"{run / 'last.pt'} (1 epoch(s) done), intact: make it writable again, then continue with: " \
-           f"fastcifar train --resume {run}" in err, err
+           f"{run / 'last.pt'} (1 epoch(s) done), intact: make it (and its folder) writable again, then " \
+           f"continue with: fastcifar train --resume {run}" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
     monkeypatch.undo()
