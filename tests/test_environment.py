@@ -30,10 +30,10 @@ def fastcifar(*args, **popen):
 def test_closed_stdout_does_not_stop_training(tmp_path):
     """`fastcifar train ... >&-`: Python starts with sys.stdout None; the run trains to its end."""
     run = tmp_path / "r"
-    result = fastcifar("train", *TINY_FLAGS, "--epochs", "2", "--run-dir", str(run), stderr=subprocess.PIPE,
+    result = fastcifar("train", *TINY_FLAGS, "--epochs", "1", "--run-dir", str(run), stderr=subprocess.PIPE,
                        preexec_fn=lambda: os.close(1))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert json.loads((run / "summary.json").read_text())["epochs_done"] == 2
+    assert json.loads((run / "summary.json").read_text())["epochs_done"] == 1
 
 
 def test_a_broken_pipe_on_stdout_does_not_stop_training(tmp_path):
@@ -43,14 +43,14 @@ def test_a_broken_pipe_on_stdout_does_not_stop_training(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody reads: every write to stdout fails with EPIPE
     try:
-        result = fastcifar("train", *TINY_FLAGS, "--epochs", "2", "--run-dir", str(run), stdout=write_end,
+        result = fastcifar("train", *TINY_FLAGS, "--epochs", "1", "--run-dir", str(run), stdout=write_end,
                            stderr=subprocess.PIPE)
     finally:
         os.close(write_end)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "note: stdout is gone (Broken pipe): training goes on" in result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
-    assert [r["epoch"] for r in rows(run)] == [0, 1] and (run / "last.pt").exists()
+    assert [r["epoch"] for r in rows(run)] == [0] and (run / "last.pt").exists()
 
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["hangup", "nohup"])
