@@ -2,8 +2,9 @@
 report.py. Heavy modules (torch, torchvision, fvcore, matplotlib) are imported by the command that runs, so
 `fastcifar --help` answers at once.
 
-Expected failures (bad flags, missing or corrupt data, unwritable or busy run dir, a diverged run, a full disk)
-print one message and exit non-zero without a traceback.
+Expected failures (bad flags, missing or corrupt data, unwritable or busy run dir, a diverged run, a full disk, a
+run file that cannot be written) print one message and exit non-zero without a traceback; so does any other error
+the operating system raises (OSError), naming the file.
 """
 
 from __future__ import annotations
@@ -246,3 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"\nfastcifar {args.command}: interrupted before anything was saved.", file=sys.stderr)
             return 130
+        except OSError as exc:  # the system refused something no check above foresaw: still one line
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"fastcifar {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+            return 1

@@ -536,6 +536,10 @@ class TrainingRun:
             fix = "free some space" if isinstance(exc, NoSpace) else "make it (and its folder) writable again"
             raise FastCifarError(f"{exc}. {kept}: {fix}, then " + (
                 f"continue with: {resume}" if saved else f"{self._restart_hint()}.")) from None
+        if isinstance(exc, OSError):  # the system refused something no check foresaw: one line, and what was kept
+            where = f": {exc.filename}" if exc.filename else ""
+            raise FastCifarError(f"{exc.strerror or exc}{where}. {kept}: fix that, then " + (
+                f"continue with: {resume}" if saved else f"{self._restart_hint()}.")) from None
         if isinstance(exc, KeyboardInterrupt):
             signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
             raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}. {kept}"

@@ -19,6 +19,7 @@ from fastcifar import files, train
 from fastcifar.cli import main
 from fastcifar.config import MAX_EPOCHS
 from fastcifar.train import fit
+import fastcifar.report
 
 
 def fastcifar(*args, **popen):
@@ -78,6 +79,8 @@ def test_sighup_stops_like_sigterm_unless_nohup_ignored_it(tmp_path, ignored):
      f"--data-dir {REPO / 'README.md'}: {REPO / 'README.md'} is a file, not a folder"),
     (["--seed", "-1"], "--seed must be a whole number from 0 to"),
     (["--epochs", "1000000000"], f"--epochs 1,000,000,000 is more than the largest sensible value, {MAX_EPOCHS:,}"),
+    (["--dataset", "cifar10", "--data-dir", "d" * 300], f"--data-dir {'d' * 300}: file name too long."),
+    (["--init-from", "c" * 300], f"cannot read checkpoint {'c' * 300} (file name too long)."),
 ])
 def test_environment_and_range_errors_are_one_line_before_the_run_directory_exists(tmp_path, capsys, flags, message):
     run = tmp_path / "r"
@@ -127,6 +130,31 @@ def test_a_run_file_made_read_only_mid_run_is_one_line_and_the_checkpoint_stays(
     monkeypatch.undo()
     assert main(["train", "--resume", str(run), "--progress", "off", "--no-report"]) == 0
     assert [r["epoch"] for r in rows(run)] == [0, 1]
+
+
+def test_any_other_system_error_is_one_line_with_what_was_kept(tmp_path, capsys, monkeypatch):
+    """An OSError no check foresaw (here: an I/O error in the second epoch's evaluation) still ends in one line
+    naming the file, the checkpoint kept and the resume command; outside a run (here in `report`), one line too."""
+    real_evaluate, calls = train.evaluate, []
+
+    def failing_evaluate(s):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error", "/mnt/data/test_batch")
+        return real_evaluate(s)
+
+    monkeypatch.setattr(train, "evaluate", failing_evaluate)
+    run = tmp_path / "r"
+    assert main(["train", *TINY_FLAGS, "--epochs", "2", "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: Input/output error: /mnt/data/test_batch. The last good checkpoint is {run / 'last.pt'} (1 " \
+           f"epoch(s) done), intact: fix that, then continue with: fastcifar train --resume {run}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(fastcifar.report, "make_report", lambda *a, **k: open(tmp_path / "missing" / "x.png", "wb"))
+    assert main(["report", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"fastcifar report: error: No such file or directory: {tmp_path / 'missing' / 'x.png'}" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_report_out_under_a_regular_file_is_one_line(tmp_path, capsys):

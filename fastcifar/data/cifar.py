@@ -140,7 +140,10 @@ def download_cifar10(data_dir: Path, url: str | None = None) -> None:
 def load_cifar10(data_dir: str | Path | None = None, download: bool = True) -> Dataset:
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     folder = data_dir / BATCH_DIR
-    blocker = next((p for p in (data_dir, *data_dir.parents) if p.exists() and not p.is_dir()), None)
+    try:
+        blocker = next((p for p in (data_dir, *data_dir.parents) if p.exists() and not p.is_dir()), None)
+    except OSError as exc:  # e.g. a name longer than the filesystem allows
+        raise FastCifarError(f"--data-dir {data_dir}: {(exc.strerror or str(exc)).lower()}.") from None
     if blocker is not None:
         raise FastCifarError(f"--data-dir {data_dir}: {blocker} is a file, not a folder: pass the folder that holds "
                              f"(or is to hold) {BATCH_DIR}/.")
