@@ -159,8 +159,9 @@ class TrainingRun:
                 raise FastCifarError(
                     f"cannot resume {self.dir.path}: no epoch was saved there (its run stopped before its first "
                     f"checkpoint), so there is nothing to continue and nothing to lose: run the command that started "
-                    f"it again, without --resume (its flags are in {shell_command(self.dir.file('config.json'))}): "
-                    f"it restarts there.")
+                    f"it again, without --resume (its flags are in {shell_command(self.dir.file('config.json'))})"
+                    + ("" if self.cfg.run_dir else f" and with --run-dir {shell_command(self.dir.path)}")
+                    + ": it restarts there.")
             try:
                 finished = len(self.dir.read_jsonl("metrics.jsonl"))
             except FastCifarError:
