@@ -15,11 +15,10 @@ import torch
 
 from support import REPO, tiny_config
 from test_faults import TINY_FLAGS, inject, rows
-from fastcifar import files, train
+from fastcifar import files, report, train
 from fastcifar.cli import main
 from fastcifar.config import MAX_EPOCHS
 from fastcifar.train import fit
-import fastcifar.report
 
 
 def fastcifar(*args, **popen):
@@ -150,7 +149,7 @@ def test_any_other_system_error_is_one_line_with_what_was_kept(tmp_path, capsys,
     assert f"error: Input/output error: /mnt/data/test_batch. The last good checkpoint is {run / 'last.pt'} (1 " \
            f"epoch(s) done), intact: fix that, then continue with: fastcifar train --resume {run}" in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    monkeypatch.setattr(fastcifar.report, "make_report", lambda *a, **k: open(tmp_path / "missing" / "x.png", "wb"))
+    monkeypatch.setattr(report, "make_report", lambda *a, **k: open(tmp_path / "missing" / "x.png", "wb"))
     assert main(["report", str(run)]) == 1
     err = capsys.readouterr().err
     assert f"fastcifar report: error: No such file or directory: {tmp_path / 'missing' / 'x.png'}" in err, err
