@@ -162,7 +162,10 @@ class SurvivingStream:
         if not self.gone:
             try:
                 return self._stream.write(text)
-            except (OSError, ValueError) as exc:
+            except UnicodeEncodeError:  # e.g. a run directory named in letters an ASCII terminal cannot show
+                encoding = getattr(self._stream, "encoding", None) or "ascii"
+                return self.write(text.encode(encoding, "backslashreplace").decode(encoding))
+            except (OSError, ValueError) as exc:  # ValueError: the stream was closed
                 self._lose(exc)
         return len(text)
 
@@ -188,8 +191,8 @@ class SurvivingStream:
         other = sys.stderr if self._name == "stdout" else sys.stdout
         if other is not self:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
-            print(f"note: {self._name} is gone ({reason}): training goes on without printing to it; the run "
-                  f"directory keeps the record", file=other, flush=True)
+            print(f"note: {self._name} is gone ({reason}): nothing more is printed to it; a training run goes on, "
+                  f"its run directory keeps the record", file=other, flush=True)
 
 
 @contextlib.contextmanager

@@ -22,8 +22,8 @@ from fastcifar.train import fit
 
 
 def fastcifar(*args, **popen):
-    return subprocess.run([sys.executable, "-m", "fastcifar", *args], cwd=REPO, text=True, timeout=300,
-                          env={**os.environ, "WANDB_MODE": "disabled"}, **popen)
+    popen.setdefault("env", {**os.environ, "WANDB_MODE": "disabled"})
+    return subprocess.run([sys.executable, "-m", "fastcifar", *args], cwd=REPO, text=True, timeout=300, **popen)
 
 
 # --- output that goes away -------------------------------------------------------------------------------------
@@ -48,9 +48,20 @@ def test_a_broken_pipe_on_stdout_does_not_stop_training(tmp_path):
     finally:
         os.close(write_end)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "note: stdout is gone (Broken pipe): training goes on" in result.stderr
+    assert "note: stdout is gone (Broken pipe): nothing more is printed to it; a training run goes on" \
+        in result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
     assert [r["epoch"] for r in rows(run)] == [0] and (run / "last.pt").exists()
+
+
+def test_a_terminal_that_cannot_show_the_run_directory_name_does_not_stop_training(tmp_path):
+    """An ASCII-only stdout and a run directory named in other letters: printed escaped, never a traceback."""
+    run = tmp_path / "été"
+    result = fastcifar("train", *TINY_FLAGS, "--epochs", "1", "--run-dir", str(run), capture_output=True,
+                       env={**os.environ, "WANDB_MODE": "disabled", "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "run directory " + str(tmp_path / "\\xe9t\\xe9") in result.stdout
+    assert [r["epoch"] for r in rows(run)] == [0]
 
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["hangup", "nohup"])
