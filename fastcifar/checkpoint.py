@@ -53,7 +53,11 @@ def verify_checkpoint(path: Path) -> None:
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """A verified checkpoint, or one FastCifarError that says what is wrong with it."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name longer than the filesystem allows
+        raise FastCifarError(f"cannot read checkpoint {path} ({(exc.strerror or str(exc)).lower()}).") from None
+    if not found:
         raise FastCifarError(f"no checkpoint at {path}.")
     verify_checkpoint(path)
     try:

@@ -2,8 +2,9 @@
 report.py. Heavy modules (torch, torchvision, fvcore, matplotlib) are imported by the command that runs, so
 `fastcifar --help` answers at once.
 
-Expected failures (bad flags, missing or corrupt data, unwritable or busy run dir, a diverged run, a full disk)
-print one message and exit non-zero without a traceback.
+Expected failures (bad flags, missing or corrupt data, unwritable or busy run dir, a diverged run, a full disk, a
+run file that cannot be written) print one message and exit non-zero without a traceback; so does any other error
+the operating system raises (OSError), naming the file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from fastcifar import FastCifarError, __version__
 from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, RECIPES, TTA_MODES, WANDB_MODES,
                               TrainConfig, build_config, expand_path)
+from fastcifar.console import surviving_output
 from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
 # Flags that may change when a run is resumed; everything else comes from the run's config.json.
@@ -185,6 +187,9 @@ def _resumed_config(run_dir: str, given: dict, recipe: str | None) -> TrainConfi
     try:
         saved = json.loads(config_path.read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
+        from fastcifar.tracking import RunDir
+
+        RunDir(run_dir).check_usable()  # a live run that has not written its config yet is named, not misread
         raise FastCifarError(f"cannot resume from {run_dir}: {config_path} is missing or unreadable ({exc}).") from None
     changed = sorted(k for k, v in {**given, "recipe": recipe or saved.get("recipe")}.items()
                      if k not in RESUMABLE and saved.get(k) != v)
@@ -321,15 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
-    # One line per warning (e.g. the md5 notice), without the source line that Python would print under it.
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    try:
-        return args.func(args)
-    except FastCifarError as exc:
-        print(f"fastcifar {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"\nfastcifar {args.command}: interrupted before anything was saved.", file=sys.stderr)
-        return 130
+    with surviving_output():  # a closed terminal or a broken pipe must not end a training run
+        args = build_parser().parse_args(argv)
+        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
+        # One line per warning (e.g. the md5 notice), without the source line that Python would print under it.
+        warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+        try:
+            return args.func(args)
+        except FastCifarError as exc:
+            print(f"fastcifar {args.command}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print(f"\nfastcifar {args.command}: interrupted before anything was saved.", file=sys.stderr)
+            return 130
+        except OSError as exc:  # the system refused something no check above foresaw: still one line
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"fastcifar {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+            return 1

@@ -27,6 +27,10 @@ DEVICES = ("auto", "cuda", "cpu")
 WANDB_MODES = ("auto", "online", "offline", "off")
 TTA_MODES = ("off", "flip")
 CUDA_EVAL_BATCH = 1000  # a large eval batch on CUDA: 10 padded-free batches for the 10,000 test images
+# The largest sensible --epochs: 100,000 CIFAR-10 epochs are 5 billion images, months of GPU time (recipes use
+# 10-200). Nothing in a run grows with its length; the bound turns a typo (an extra zero or three) into one line.
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**63 - 2  # numpy and torch take seeds from 0; the test subset is drawn with seed + 1
 
 
 @dataclass
@@ -131,6 +135,9 @@ def validate(cfg: TrainConfig) -> None:
         flag = "--" + f.name.replace("_", "-")
         need(not isinstance(value, float) or math.isfinite(value), f"{flag} must be a finite number, got {value}")
     need(cfg.epochs >= 1, f"--epochs must be a positive whole number, got {cfg.epochs}")
+    need(cfg.epochs <= MAX_EPOCHS, f"--epochs {cfg.epochs:,} is more than the largest sensible value, "
+                                   f"{MAX_EPOCHS:,} (5 billion images, months of GPU time): pass at most {MAX_EPOCHS}")
+    need(0 <= cfg.seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}, got {cfg.seed}")
     need(cfg.batch_size >= 1, f"--batch-size must be a positive whole number, got {cfg.batch_size}")
     need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1,
          f"--eval-batch-size must be a positive whole number, got {cfg.eval_batch_size}")

@@ -6,10 +6,15 @@ on an indented line under it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
 import sys
 import textwrap
+from typing import TYPE_CHECKING
 
-from fastcifar import distributed as dist
+if TYPE_CHECKING:  # torch-free at import: the CLI guards its output with this module before any command runs
+    from fastcifar import distributed as dist
 
 WIDTH = 120
 DROP_WARNING = 0.10  # warn when the last partial batch drops more than this share of the training set
@@ -145,3 +150,78 @@ def summary_table(summary: dict) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{'Metric':<{width}} | Value", f"{'-' * width}-+-{'-' * 40}"]
     return "\n".join([*lines, *(f"{k:<{width}} | {v}" for k, v in rows)])
+
+
+def shell_command(*words) -> str:
+    """A command (or path) a message tells the user to paste: each word shell-quoted, so a run directory with a
+    space, quote or non-ASCII name still pastes as one argument."""
+    return " ".join(shlex.quote(str(word)) for word in words)
+
+
+class SurvivingStream:
+    """sys.stdout or sys.stderr, for a process that must outlive its terminal.
+
+    A run's record is its run directory; the terminal is only a view of it. When the reader goes away (stdout
+    piped into `head -1` that exited, a closed terminal) a write raises BrokenPipeError or EIO: here that drops
+    this and all later output instead, one note on the other stream says so, and training goes on to its next
+    checkpoint and its end. Stopping instead would lose the epoch in progress for a view nobody is reading.
+    The file descriptor itself is pointed at /dev/null, so writes from C, from child processes and Python's
+    flush at exit do not fail either."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self._name, self.gone = stream, name, False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except UnicodeEncodeError:  # e.g. a run directory named in letters an ASCII terminal cannot show
+                encoding = getattr(self._stream, "encoding", None) or "ascii"
+                return self.write(text.encode(encoding, "backslashreplace").decode(encoding))
+            except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+                self._lose(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError) as exc:
+                self._lose(exc)
+
+    def isatty(self) -> bool:
+        return not self.gone and self._stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def _lose(self, exc: Exception) -> None:
+        self.gone = True
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        other = sys.stderr if self._name == "stdout" else sys.stdout
+        if other is not self:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            print(f"note: {self._name} is gone ({reason}): nothing more is printed to it; a training run goes on, "
+                  f"its run directory keeps the record", file=other, flush=True)
+
+
+@contextlib.contextmanager
+def surviving_output():
+    """stdout and stderr that a closed or broken terminal cannot turn into a crash (see SurvivingStream). A
+    stream closed before the start (`>&-`) is /dev/null: its file descriptor is taken, so no file opened later
+    gets it and receives what is printed."""
+    saved = sys.stdout, sys.stderr
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            stream = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+        if not isinstance(stream, SurvivingStream):
+            stream = SurvivingStream(stream, name)
+        setattr(sys, name, stream)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -30,14 +30,29 @@ refresh_umask()
 _TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names look like
 
 
-class NoSpace(FastCifarError):
+class CannotWrite(FastCifarError):
+    """A run file could not be written (made read-only, a read-only filesystem, ...): one line naming it."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"cannot write {self.path}: {reason}")
+
+
+class NoSpace(CannotWrite):
     """The disk is full (or over quota): what could not be written and how much it needed."""
 
     def __init__(self, path: Path, needed: int | None):
-        self.path, self.needed = Path(path), needed
-        free = shutil.disk_usage(self.path.parent).free if self.path.parent.exists() else 0
+        self.needed = needed
+        folder = Path(path).parent
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
         need = f"it needs {needed / 1e6:,.1f} MB, " if needed else ""
-        super().__init__(f"cannot write {self.path}: no space left on device ({need}{free / 1e6:,.1f} MB free)")
+        super().__init__(path, f"no space left on device ({need}{free / 1e6:,.1f} MB free)")
+
+
+def _write_error(path: Path, exc: OSError, size: int | None) -> CannotWrite:
+    if _is_disk_full(exc):
+        return NoSpace(path, size)
+    return CannotWrite(path, (exc.strerror or str(exc)).lower())
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -48,7 +63,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path` (mode 0666 minus the umask, like any other file of the run),
     fsync it, rename it over `path`, fsync the folder. A crash at any moment leaves the old file whole."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc, len(data)) from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: give it the mode any other file of the run gets
         with os.fdopen(fd, "wb") as f:
@@ -59,8 +77,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if _is_disk_full(exc):
-            raise NoSpace(path, len(data)) from None
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc, len(data)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -109,9 +127,7 @@ def append_lines(path: Path, rows: list[dict]) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        if _is_disk_full(exc):
-            raise NoSpace(path, len(text)) from None
-        raise
+        raise _write_error(path, exc, len(text)) from None
 
 
 def read_jsonl(path: Path, notice=None) -> list[dict]:

@@ -65,13 +65,14 @@ def load_optimizer_state(optimizer, state: dict) -> None:
 
 
 class LRSchedule:
-    """lr = peak * factor(step) for every group, stepped after every optimizer step, as a device table lookup.
+    """lr = peak * factor(step) for every group, stepped after every optimizer step, computed on the device.
 
     factor: a linear warm-up from peak/W to peak over the first W steps, then over the remaining steps cosine
     (0.5 (1 + cos(pi p))), linear (1 - p) or constant (1), with p going from 0 to 1: the LR reaches 0 after the
-    last step. The whole schedule is computed once on the host in Python floats (with W = 0 the cosine is exactly
-    LambdaLR(0.5 * (1 + cos(pi * step / total))), to the last bit) and kept on the device; a step advances a
-    device counter and copies one entry into each group's LR tensor: three kernels, captured with the step.
+    last step. A step advances a device counter and computes the factor from it with float64 tensor ops, in the
+    order of the host formula `factor()` (with W = 0 the cosine equals LambdaLR(0.5 * (1 + cos(pi * step /
+    total))) to the last bit on the CPU): a handful of scalar kernels, captured with the step. Nothing here grows
+    with the run's length (a per-step table would: --epochs 10^9 was a MemoryError).
     """
 
     def __init__(self, optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
@@ -82,10 +83,8 @@ class LRSchedule:
         self.kind, self.total, self.warmup = kind, max(int(total_steps), 1), max(int(warmup_steps), 0)
         self.lrs = [group["lr"] for group in optimizer.param_groups]
         self.peak = float(optimizer.defaults["lr"])  # --lr, as a Python float (the LR tensors may be float32)
-        device = self.lrs[0].device
-        self.table = torch.tensor([self.peak * self.factor(step) for step in range(self.total + 1)],
-                                  dtype=torch.float64, device=device)
-        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.lrs[0].device)
+        self._torch = torch
         self._write()
 
     def factor(self, step: int) -> float:
@@ -98,9 +97,21 @@ class LRSchedule:
         return 1.0 - since / decay_steps if self.kind == "linear" else 1.0
 
     def _write(self) -> None:
-        # index_select, not table[step]: indexing with a 0-dim tensor reads it on the host (.item(), a sync that
-        # would make CUDA-graph capture fail)
-        lr = self.table.index_select(0, self.step.clamp(max=self.total).view(1)).view(())
+        # Device ops only, no host read (a sync would make CUDA-graph capture fail); each op is the host formula's
+        # float64 operation in its order, so both give the same bits where the device's cos is the C library's.
+        torch = self._torch
+        step = self.step.clamp(max=self.total).to(torch.float64)
+        decay_steps = max(self.total - self.warmup, 1)
+        since = (step - self.warmup).clamp(min=0, max=decay_steps) if self.warmup else step.clamp(max=decay_steps)
+        if self.kind == "cosine":
+            factor = 0.5 * (1.0 + torch.cos(math.pi * since / decay_steps))
+        elif self.kind == "linear":
+            factor = 1.0 - since / decay_steps
+        else:
+            factor = torch.ones_like(since)
+        if self.warmup:
+            factor = torch.where(step < self.warmup, (step + 1) / self.warmup, factor)
+        lr = self.peak * factor
         for group_lr in self.lrs:
             group_lr.copy_(lr)
 

@@ -5,9 +5,10 @@
   epoch  the record of a finished epoch: its row, monitor rows, checkpoint (when due), the epoch line
   close  summary.json, the results table, the plots
 
-and what ends a run early: SIGINT/SIGTERM (stop at a step boundary, or finish the epoch when finished epochs are
-not all saved yet; a second signal exits at once), --target-acc, --stop-after-epoch, divergence, a full disk.
-Whatever ends it, every finished epoch that was saved stays, and the message says how to continue.
+and what ends a run early: SIGINT/SIGTERM/SIGHUP (stop at a step boundary, or finish the epoch when finished
+epochs are not all saved yet; a second signal exits at once), --target-acc, --stop-after-epoch, divergence, a full
+disk or a run file that cannot be written. Whatever ends it, every finished epoch that was saved stays, and the
+message says how to continue; where no epoch was saved, nothing is lost and the same command restarts there.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from fastcifar import flops
 from fastcifar.checkpoint import (Best, Timing, best_weights, check_compatible, load_checkpoint, restore,
                                   resume_state, save_checkpoint)
 from fastcifar.config import TrainConfig, resolve
-from fastcifar.console import epoch_line, header, make_progress, summary_table
+from fastcifar.console import epoch_line, header, make_progress, shell_command, summary_table
 from fastcifar.data.cifar import hold_out_validation, load_dataset
-from fastcifar.files import NoSpace, refresh_umask, remove_stale_temp_files
+from fastcifar.files import CannotWrite, NoSpace, refresh_umask, remove_stale_temp_files
 from fastcifar.signals import GracefulStop, RunInterrupted
 from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, selection_acc, summarise
 from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
@@ -82,9 +83,11 @@ class TrainingRun:
         """`dataset`: one already loaded for this config (the seeds of a --seeds run share it)."""
         path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
         run = cls(cfg, info, dist.broadcast_object(path, info), stop_after_epoch)
+        run.default_dir = resume_dir is None and not cfg.run_dir  # a fresh name is claimed when it is created
         run.res = resolve(cfg, info.local_rank, info.world_size)
         refresh_umask()  # read once, here, before any other thread (W&B, loader workers) exists
         try:
+            run._on_main(run.dir.check_usable)  # first: a live process there is named, whatever the folder holds
             if resume_dir is not None:
                 run._open_resume()
             else:
@@ -124,22 +127,62 @@ class TrainingRun:
             raise FastCifarError(message)
 
     def _refuse_a_used_directory(self) -> None:
-        if self.dir.holds_run():
+        """A folder holding a saved epoch (or a finished run's record) is refused; one whose run saved nothing is
+        restarted (start() clears it)."""
+        if self.default_dir:
+            return
+        saved = self.dir.saved()
+        if "last.pt" in saved:
             raise FastCifarError(f"{self.dir.path} already holds a run ({', '.join(self.dir.holds_run())}): continue "
-                                 f"it with `fastcifar train --resume {self.dir.path}`, or choose another --run-dir.")
+                                 f"it with `{shell_command('fastcifar', 'train', '--resume', self.dir.path)}`, or "
+                                 f"choose another --run-dir.")
+        if saved:
+            raise FastCifarError(f"{self.dir.path} holds a run's {' and '.join(saved)} but no last.pt: it cannot "
+                                 f"be resumed, and a new run there would replace that record: choose another "
+                                 f"--run-dir.{self._init_from_best()}")
+
+    def _restart_hint(self, change: str = "") -> str:
+        """Where no epoch was saved: nothing is lost, and the same command restarts in this folder."""
+        where = shell_command(self.dir.path)
+        if self.cfg.run_dir:
+            return f"run the same command again{change}: it restarts in {where}"
+        return f"run the same command again{change} {'and' if change else 'with'} --run-dir {where}: it restarts there"
+
+    def _init_from_best(self) -> str:
+        best = self.dir.file("best.pt")
+        try:
+            epoch = load_checkpoint(best).get("epoch")
+        except FastCifarError:
+            return ""
+        return (f" Its best.pt (epoch {epoch}) is intact: `{shell_command('fastcifar', 'train', '--init-from', best)}`"
+                f" starts a new run from its weights.")
 
     def _open_resume(self) -> None:
         last = self.dir.file("last.pt")
         if not last.is_file():
-            raise FastCifarError(f"cannot resume {self.dir.path}: it holds no last.pt (saved after each finished "
-                                 f"epoch); nothing was finished there, so start again without --resume.")
+            saved = self.dir.saved()
+            if not saved:
+                raise FastCifarError(
+                    f"cannot resume {self.dir.path}: no epoch was saved there (its run stopped before its first "
+                    f"checkpoint), so there is nothing to continue and nothing to lose: run the command that started "
+                    f"it again, without --resume (its flags are in {shell_command(self.dir.file('config.json'))})"
+                    + ("" if self.cfg.run_dir else f" and with --run-dir {shell_command(self.dir.path)}")
+                    + ": it restarts there.")
+            try:
+                finished = len(self.dir.read_jsonl("metrics.jsonl"))
+            except FastCifarError:
+                finished = 0
+            records = f", though its metrics.jsonl records {finished} finished epoch(s)" if finished else ""
+            raise FastCifarError(f"cannot resume {self.dir.path}: its last.pt (the resume state, saved after "
+                                 f"finished epochs) is missing{records}; it holds {', '.join(saved)}."
+                                 + (self._init_from_best() or " No checkpoint survives there: start a new run."))
         try:
             self.resume_state = load_checkpoint(last)
         except FastCifarError as exc:
             good = self._intact_best()
             raise FastCifarError(f"{exc} It cannot be resumed." + (
-                f" {good} is intact: `fastcifar train --init-from {good}` starts a new run from its weights."
-                if good else "")) from None
+                f" {good} is intact: `{shell_command('fastcifar', 'train', '--init-from', good)}` starts a new run "
+                f"from its weights." if good else "")) from None
         done = self.resume_state["epoch"]
         if done >= self.cfg.epochs:
             raise FastCifarError(f"{self.dir.path} already finished all {done} epochs: nothing to resume (pass "
@@ -240,10 +283,15 @@ class TrainingRun:
 
     def _prepare_directory(self, s: Session) -> None:
         if self.resume_state is None:
+            if self.default_dir:
+                self.dir.claim_new()
             self.dir.create()
             self.dir.lock()
-            if self.dir.holds_run():  # another process got here between our check and our lock
-                raise FastCifarError(f"{self.dir.path} already holds a run: use --resume or another --run-dir.")
+            self._refuse_a_used_directory()  # again: another process may have saved there before our lock
+            left = self.dir.clear_unsaved()
+            if left:
+                self.notice(f"restarting in {self.dir.path}: the run started there saved no epoch (killed, stopped "
+                            f"or out of disk before its first checkpoint); removed what it left: {', '.join(left)}")
         for path in remove_stale_temp_files(self.dir.path):
             self.notice(f"note: removed {path.name}, left by a save that was interrupted")
         if self.resume_state is None:
@@ -439,8 +487,8 @@ class TrainingRun:
             return {}
         rows = self.dir.read_jsonl("metrics.jsonl")
         if not rows:
-            print(f"stopped by {self.stopped_by or 'a signal'} before the first epoch finished: nothing was saved; "
-                  f"start again.", file=sys.stderr)
+            print(f"stopped by {self.stopped_by or 'a signal'} before the first epoch finished: nothing was saved, "
+                  f"so nothing is lost; {self._restart_hint()}.", file=sys.stderr)
             self.tracker.finish(exit_code=1)
             return {"finished": False, "epochs_done": 0, "exit_code": 128 + (self.stop.signum or signal.SIGINT)}
         summary = self._summary(rows)
@@ -458,7 +506,7 @@ class TrainingRun:
             print(f"stopped by {self.stopped_by}: epochs 0-{self.saved_through} are saved in "
                   f"{self.dir.file('last.pt')}")
         if not finished and self.saved_through >= 0:
-            print(f"continue with: fastcifar train --resume {self.dir.path}")
+            print(f"continue with: {shell_command('fastcifar', 'train', '--resume', self.dir.path)}")
         if self.cfg.report:
             from fastcifar.report import make_report
 
@@ -500,16 +548,26 @@ class TrainingRun:
         if exc is None or not self.info.is_main:
             return
         saved = self.dir.file("last.pt").exists() and (self.resume_state is not None or self.saved_through >= 0)
-        resume = f"fastcifar train --resume {self.dir.path}"
-        kept = (f"The last good checkpoint is {self.dir.file('last.pt')} ({self.saved_through + 1} epoch(s) done)"
-                if saved else "No epoch was saved yet")
+        resume = shell_command("fastcifar", "train", "--resume", self.dir.path)
+        kept = (f"The last good checkpoint is {self.dir.file('last.pt')} ({self.saved_through + 1} epoch(s) done), "
+                f"intact" if saved else "No epoch was saved yet, so nothing is lost")
         if isinstance(exc, TrainingDiverged):
-            raise TrainingDiverged(f"{exc} {kept}: lower --lr, or try --amp off, then "
-                                   + (f"--resume it ({resume}) or start again." if saved else "start again.")) from None
-        if isinstance(exc, NoSpace):
-            raise FastCifarError(f"{exc}. {kept}, intact" + (f". Free some space, then continue with: {resume}" if saved
-                                                              else ". Free some space and start again.")) from None
+            # only what applies to this run: --amp off where it trains in reduced precision
+            options = f"a lower --lr (this run: {self.cfg.lr:g})" + (
+                f" or --amp off (this run: {self.res.precision})" if self.res.amp_dtype is not None else "")
+            raise TrainingDiverged(f"{exc} {kept}" + (
+                f". Resuming would repeat the same steps: start again with {options}, in another --run-dir."
+                if saved else f": {self._restart_hint(f' with {options}')}.")) from None
+        if isinstance(exc, CannotWrite):
+            fix = "free some space" if isinstance(exc, NoSpace) else "make it (and its folder) writable again"
+            raise FastCifarError(f"{exc}. {kept}: {fix}, then " + (
+                f"continue with: {resume}" if saved else f"{self._restart_hint()}.")) from None
+        if isinstance(exc, OSError):  # the system refused something no check foresaw: one line, and what was kept
+            where = f": {exc.filename}" if exc.filename else ""
+            raise FastCifarError(f"{exc.strerror or exc}{where}. {kept}: fix that, then " + (
+                f"continue with: {resume}" if saved else f"{self._restart_hint()}.")) from None
         if isinstance(exc, KeyboardInterrupt):
             signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
             raise RunInterrupted(f"interrupted by {signal.Signals(signum).name}. {kept}"
-                                 + (f"; continue with: {resume}" if saved else "."), signum) from None
+                                 + (f"; continue with: {resume}" if saved else f"; {self._restart_hint()}."),
+                                 signum) from None

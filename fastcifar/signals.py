@@ -1,5 +1,7 @@
-"""What a signal does to a run: SIGINT and SIGTERM (what schedulers and `docker stop` send) ask it to stop at the
-next safe point, keeping every finished epoch; a second signal exits at once, 128 + its number."""
+"""What a signal does to a run: SIGINT, SIGTERM (what schedulers and `docker stop` send) and SIGHUP (the terminal
+closed, the ssh connection dropped) ask it to stop at the next safe point, keeping every finished epoch; a second
+signal exits at once, 128 + its number. A SIGHUP that `nohup` (or the parent) set to be ignored stays ignored: the
+run was asked to outlive its terminal."""
 
 from __future__ import annotations
 
@@ -19,8 +21,7 @@ class RunInterrupted(FastCifarError):
 
 
 class GracefulStop:
-    """SIGINT and SIGTERM (what schedulers and `docker stop` send) set a flag that the step loop checks; a second
-    signal raises at once."""
+    """SIGINT, SIGTERM and SIGHUP set a flag that the step loop checks; a second signal raises at once."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -28,7 +29,9 @@ class GracefulStop:
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # nohup
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:

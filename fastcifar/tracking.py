@@ -3,14 +3,18 @@
 Files are the record; W&B is a mirror. A W&B failure prints one warning and turns W&B off for the rest of the
 run: it never stops or slows training. With --wandb off the wandb package is never imported.
 
-A run directory belongs to one run: a fresh run refuses a folder that already holds one, and a run holds an
-exclusive lock (flock on RUN/.lock, naming its process) for its whole life, resume included. The kernel drops the
-lock when the process dies, however it dies, so a stale lock never blocks a resume.
+A run directory belongs to one run: a fresh run refuses a folder that holds a saved epoch (or a finished run's
+record), and a run holds an exclusive lock (flock on RUN/.lock, naming its process) for its whole life, resume
+included. The kernel drops the lock when the process dies, however it dies, so a stale lock never blocks anything.
+A folder whose run saved no epoch (killed, stopped or out of disk before its first checkpoint) holds nothing to
+lose: a fresh run restarts there, removing what the dead run left.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -25,6 +29,7 @@ from fastcifar import FastCifarError
 from fastcifar.files import append_lines, atomic_write, dumps, read_jsonl
 
 RUN_MARKERS = ("config.json", "last.pt", "metrics.jsonl")  # any of these: the folder holds a run
+SAVED_MARKERS = ("last.pt", "best.pt", "summary.json")  # any of these: it holds something a restart would lose
 JSONL_FILES = ("metrics.jsonl", "steps.jsonl", "grad_flow.jsonl", "updates.jsonl")
 
 # metrics.jsonl field -> W&B key: the one map from the record to the mirror (a new metric is one line here).
@@ -59,6 +64,64 @@ class RunDir:
     def holds_run(self) -> list[str]:
         return [name for name in RUN_MARKERS if self.file(name).exists()]
 
+    def saved(self) -> list[str]:
+        """What a restart there would lose: a checkpoint, or the summary of a run that ended."""
+        return [name for name in SAVED_MARKERS if self.file(name).exists()]
+
+    def check_usable(self) -> None:
+        """Before anything else: a path the filesystem refuses (a name too long, a link loop), then the lock: a
+        live process there is named, whatever the folder holds. Reads only; takes no lock."""
+        try:
+            self.path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # create() makes it, or says why it cannot
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise FastCifarError(f"cannot use run directory {self.path}: a name in it is longer than the "
+                                     f"filesystem allows ({_name_max(self.path)} bytes): choose a shorter "
+                                     f"--run-dir.") from None
+            raise FastCifarError(f"cannot use run directory {self.path} ({exc.strerror or exc}).") from None
+        try:
+            fd = os.open(self.file(".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock file (or one we cannot read, which lock() reports): nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: a second checker does not block this one
+        except BlockingIOError:
+            raise FastCifarError(self._in_use(fd)) from None
+        finally:
+            os.close(fd)
+
+    def _in_use(self, fd: int) -> str:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        return f"run directory {self.path} is in use by {holder}: wait for it to finish, or use another --run-dir."
+
+    def claim_new(self) -> None:
+        """A default run directory: this name, else NAME-2, NAME-3, ...: mkdir is atomic, so two runs started in
+        the same second each get a folder of their own."""
+        base = self.path
+        for n in itertools.count(1):
+            candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                candidate.parent.mkdir(parents=True, exist_ok=True)
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            except OSError:
+                return  # create() says why
+            self.path = candidate
+            return
+
+    def clear_unsaved(self) -> list[str]:
+        """Restarting where a run saved no epoch: remove its config and rows (its temp files are removed with
+        every run's). Returns the names removed."""
+        removed = []
+        for name in ("config.json", *JSONL_FILES):
+            if self.file(name).exists():
+                self.file(name).unlink()
+                removed.append(name)
+        return removed
+
     def create(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -78,10 +141,9 @@ class RunDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            message = self._in_use(fd)
             os.close(fd)
-            raise FastCifarError(f"run directory {self.path} is in use by {holder}: wait for it to finish, or "
-                                 f"use another --run-dir.") from None
+            raise FastCifarError(message) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"fastcifar pid {os.getpid()} on {socket.gethostname()} since "
                       f"{datetime.now().isoformat(timespec='seconds')}\n".encode(), 0)
@@ -118,6 +180,15 @@ class RunDir:
         text = "".join(dumps(r) + "\n" for r in kept)
         if text.encode() != path.read_bytes():
             atomic_write(path, text.encode())
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name the filesystem holding `path` (its nearest existing folder) allows."""
+    folder = next((p for p in path.absolute().parents if p.is_dir()), Path("/"))
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 class MetricsSink:

@@ -4,7 +4,7 @@
   kill-at-step:N              SIGKILL when this process's N-th training step (counted from 1) starts
   kill-in-write:NAME:K        this process's K-th atomic write of NAME (last.pt, best.pt, ...) dies half-way: half
                               the bytes are in its temp file, fsynced, then SIGKILL
-  signal-at-step:SIG[,SIG]:N  send these signals (SIGTERM, SIGINT) to itself when step N starts
+  signal-at-step:SIG[,SIG]:N  send these signals (SIGTERM, SIGINT, SIGHUP) to itself when step N starts
 """
 
 import os

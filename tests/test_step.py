@@ -167,6 +167,20 @@ def test_lr_schedule_follows_its_formula_and_reaches_zero(kind, warmup):
     assert optimizer.param_groups[0]["lr"].item() == pytest.approx(expected_lr(kind, warmup, 200, 0.4, 99))
 
 
+def test_lr_schedule_holds_nothing_that_grows_with_the_run():
+    """The LR is computed from the step counter, not looked up in a per-step table: --epochs 10^9 used to be a
+    MemoryError. A schedule of 10^15 steps is as small as one of 100 and still follows the formula."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [param], "lr": torch.tensor(0.4, dtype=torch.float64)}], lr=0.4)
+    small = LRSchedule(optimizer, "cosine", total_steps=100, warmup_steps=10)
+    held = [v for v in vars(small).values() if isinstance(v, torch.Tensor)]
+    assert held and all(t.numel() <= 1 for t in held), [t.shape for t in held]
+    huge = LRSchedule(optimizer, "linear", total_steps=10**15, warmup_steps=10**6)
+    huge.load_state_dict({"step": 10**15 // 2})
+    assert optimizer.param_groups[0]["lr"].item() == pytest.approx(expected_lr("linear", 10**6, 10**15, 0.4,
+                                                                               10**15 // 2), rel=1e-12)
+
+
 class HostReads(TorchDispatchMode):
     """Counts the ops that read a tensor's value on the host (`.item()`, `bool(t)`, indexing with a tensor):
     on CUDA each is a sync, which a CUDA graph cannot capture."""

@@ -128,7 +128,11 @@ def download_archive(data_dir: Path, url: str, archive_name: str, md5: str, fold
     md5, and unpack it atomically: into a temp folder first, then one rename of `folder`."""
     from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FastCifarError(f"cannot create the data folder {data_dir} ({exc.strerror or exc}): pass --data-dir "
+                             f"with a folder you can write to.") from None
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         archive = Path(tmp) / archive_name
         try:
@@ -152,6 +156,13 @@ def download_archive(data_dir: Path, url: str, archive_name: str, md5: str, fold
 def load_cifar10(data_dir: str | Path | None = None, download: bool = True) -> Dataset:
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     folder = data_dir / BATCH_DIR
+    try:
+        blocker = next((p for p in (data_dir, *data_dir.parents) if p.exists() and not p.is_dir()), None)
+    except OSError as exc:  # e.g. a name longer than the filesystem allows
+        raise FastCifarError(f"--data-dir {data_dir}: {(exc.strerror or str(exc)).lower()}.") from None
+    if blocker is not None:
+        raise FastCifarError(f"--data-dir {data_dir}: {blocker} is a file, not a folder: pass the folder that holds "
+                             f"(or is to hold) {BATCH_DIR}/.")
     if not folder.is_dir():
         if not download:
             raise FastCifarError(_missing_paragraph(data_dir, f"{folder} does not exist."))

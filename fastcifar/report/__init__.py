@@ -15,6 +15,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from fastcifar import FastCifarError
 from fastcifar.report.common import DPI, _load
 from fastcifar.report.curves import training_curves
 from fastcifar.report.layers import gradient_flow, weight_updates
@@ -43,7 +44,14 @@ def make_report(run_dir, out_dir=None) -> list[Path]:
     """Write the report's PNGs for `run_dir` into `out_dir` (default RUN_DIR/plots/); return their paths."""
     figures = build_figures(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. --out under a regular file
+        raise FastCifarError(f"cannot write the plots to {out} ({(exc.strerror or str(exc)).lower()}): pass --out "
+                             f"with a folder you can write to.") from None
     for name, fig in figures.items():
-        fig.savefig(out / name, dpi=DPI)
+        try:
+            fig.savefig(out / name, dpi=DPI)
+        except OSError as exc:
+            raise FastCifarError(f"cannot write {out / name} ({(exc.strerror or str(exc)).lower()}).") from None
     return [out / name for name in figures]
