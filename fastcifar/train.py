@@ -28,6 +28,7 @@ from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import LayerMonitor
 from fastcifar.optim import LRSchedule, WeightEMA, build_optimizer
 from fastcifar.run import TrainingRun
+from fastcifar.sync_bn import convert_sync_batchnorm
 
 
 __all__ = ["Session", "TrainingDiverged", "build_session", "evaluate", "fit", "train_one_epoch", "train_step"]
@@ -76,6 +77,8 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
         torch.backends.cudnn.allow_tf32 = True
     memory_format = torch.channels_last if res.channels_last else torch.contiguous_format
     model = resnet18_cifar(num_classes=len(ds.classes), zero_init_residual=cfg.zero_init_residual)
+    if cfg.sync_bn and info.enabled:
+        model = convert_sync_batchnorm(model)
     model = model.to(res.device, memory_format=memory_format)
     step_model = model
     if info.enabled:
@@ -277,25 +280,35 @@ def _sync(device: torch.device) -> None:
 
 
 def fit(cfg: TrainConfig, *, resume_dir=None, init_from=None, stop_after_epoch: int | None = None,
-        loss_fn: Callable | None = None) -> dict:
+        loss_fn: Callable | None = None, resume_if_exists: bool = False) -> dict:
     """Train per `cfg`, continue the run in `resume_dir`, or start from the weights of `init_from`; returns the
-    summary (rank 0; {} on the others). Nothing is written until every check has passed."""
-    info = dist.setup(cfg.device)
+    summary (rank 0; {} on the others). Nothing is written until every check has passed. `resume_if_exists`:
+    continue from cfg.run_dir's last.pt when it has one (the same command, restarted), else start there."""
+    info = dist.setup(cfg.device, cfg.dist_timeout)
     try:
         with TrainingRun.open(cfg, info, resume_dir=resume_dir, init_from=init_from,
-                              stop_after_epoch=stop_after_epoch) as run:
+                              stop_after_epoch=stop_after_epoch, resume_if_exists=resume_if_exists) as run:
+            info.doing = "building the model (DDP copies rank 0's weights to every process)"
             s = build_session(run.cfg, info, run.dataset, run.res, loss_fn=loss_fn, notice=run.notice)
             run.start(s)  # run directory and lock, restored state, header, W&B
             for epoch in run.epochs():
                 clock = run.clock()
+                info.doing = f"training epoch {epoch}"
                 train = train_one_epoch(s, epoch, run.progress(epoch))
                 if train is None:
                     break  # stopped by a signal: the unfinished epoch is abandoned
                 clock.lap("train")
+                info.doing = f"evaluating epoch {epoch}"
                 test = evaluate(s)
                 clock.lap("eval")
                 if run.end_epoch(s, epoch, train, test, clock):
                     break  # a signal, --target-acc or --stop-after-epoch: this epoch is saved
+            info.doing = "finishing the run"
             return run.close(s)
+    except (RuntimeError, dist.dist.DistError) as exc:
+        failure = dist.collective_failure(exc, info)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         dist.cleanup(info)

@@ -43,7 +43,10 @@ def test_the_process_group_backend_follows_the_training_device(device, backend, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", chosen.append)
+    monkeypatch.setattr(distributed.dist, "rendezvous", lambda url, timeout: iter([("store", 0, 2)]))
+    monkeypatch.setattr(distributed, "join_generation", lambda store, rank, size, timeout_s: 1)
+    monkeypatch.setattr(distributed.dist, "PrefixStore", lambda prefix, store: store)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kwargs: chosen.append(backend))
     info = distributed.setup(device)
     assert (info.rank, info.world_size, info.local_rank) == (0, 2, 1)
     assert chosen == [backend] and devices == ([1] if backend == "nccl" else [])
