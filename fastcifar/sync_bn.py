@@ -1,7 +1,7 @@
 """--sync-bn: BatchNorm statistics over the global batch of all DDP ranks, not each rank's shard.
 
-On CUDA this is torch's SyncBatchNorm. torch's runs on GPUs only (its statistics kernels have no CPU version),
-so on the CPU (gloo) the same computation is done here with plain tensor ops: per-channel mean and M2 of each
+On CUDA this is torch's SyncBatchNorm. torch's runs on GPUs only (its statistics kernels have no CPU version, and
+DDP refuses it on the CPU), so on the CPU (gloo) the same computation is done here with plain tensor ops: per-channel mean and M2 of each
 rank gathered and combined (Chan et al.'s parallel variance, no E[x^2]-E[x]^2 cancellation), and in backward
 the two per-channel gradient sums all-reduced. The weights and bias gradients stay per rank; DDP averages them
 like every other gradient, which is what makes 2 ranks x 64 images train as 1 process x 128.
@@ -14,22 +14,23 @@ import torch.distributed as dist
 from torch import nn
 
 
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm layer synchronised across ranks; the state_dict keys are unchanged, so checkpoints load
     into a plain model (fastcifar eval, --init-from, a run without --sync-bn)."""
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for module in model.modules():
-        if type(module) is nn.SyncBatchNorm:
-            module.__class__ = HostSyncBatchNorm  # same state; forward also works on the CPU
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = CPUSyncBatchNorm  # same parameters and buffers, another forward
     return model
 
 
-class HostSyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, plus the CPU path it lacks."""
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training forward uses the statistics of all ranks. Not a subclass of torch's
+    SyncBatchNorm, which DDP refuses on the CPU."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != "cpu" or not self.training or not dist.is_initialized() \
-                or dist.get_world_size() == 1:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(input)
         momentum = self.momentum
         if self.track_running_stats:

@@ -78,7 +78,7 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
     memory_format = torch.channels_last if res.channels_last else torch.contiguous_format
     model = resnet18_cifar(num_classes=len(ds.classes), zero_init_residual=cfg.zero_init_residual)
     if cfg.sync_bn and info.enabled:
-        model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, res.device)
     model = model.to(res.device, memory_format=memory_format)
     step_model = model
     if info.enabled:
