@@ -221,10 +221,13 @@ def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
     totals = torch.stack([s.step_losses.sum() * loader.batch_size, s.step_correct.sum().to(s.step_losses.dtype)])
     totals = dist.all_reduce_sum(totals, s.info).tolist()
     seen = steps * loader.batch_size * s.info.world_size
+    step_losses = s.step_losses  # this rank's; under DDP the mean over ranks is the global batch's loss
+    if s.info.enabled:
+        step_losses = dist.all_reduce_sum(step_losses.clone(), s.info) / s.info.world_size
     order = {name: i for i, name in enumerate(s.monitor.layer_names)} if s.monitor else {}
     return {"train_loss": totals[0] / seen, "train_acc": totals[1] / seen, "train_images": seen,
             "flags": {k: sorted(v, key=order.get) for k, v in flags.items()}, "compile_s": compile_s,
-            "samples": samples, "step_losses": s.step_losses.tolist(),
+            "samples": samples, "step_losses": step_losses.tolist(),
             "update_ratio_epoch": s.monitor.end_epoch() if s.monitor else None}
 
 

@@ -26,11 +26,11 @@ from fastcifar.cli import main
 rank = os.environ.get("RANK", "0")
 private = os.environ.get("FASTCIFAR_TEST_PRIVATE_DIR")
 if private and rank != "0":
-    private = os.path.realpath(private)
+    private = os.path.abspath(private)
 
     def forbidden(path) -> bool:
         try:
-            return os.path.realpath(os.fsdecode(path)).startswith(private)
+            return os.path.abspath(os.fsdecode(path)).startswith(private)  # abspath: no stat, no recursion
         except TypeError:  # a file descriptor
             return False
 
@@ -60,6 +60,7 @@ if kind in ("kill-at-step", "signal-at-step", "hang-at-step"):
         steps[0] += 1
         if steps[0] == int(at):
             if kind == "hang-at-step":
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM ends it at once
                 time.sleep(3600)
             for sig in signals:
                 os.kill(os.getpid(), sig)

@@ -5,10 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from support import REPO
+from support import REPO, tiny_config, without_timings
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
@@ -50,3 +52,146 @@ def test_the_process_group_backend_follows_the_training_device(device, backend, 
     info = distributed.setup(device)
     assert (info.rank, info.world_size, info.local_rank) == (0, 2, 1)
     assert chosen == [backend] and devices == ([1] if backend == "nccl" else [])
+
+
+# --- a job that survives a lost process, trains like one process, and never hangs -----------------------------
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found beside this Python")
+RESTART_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "8", "--epochs", "2",
+                 "--wandb", "off", "--no-report", "--progress", "off", "--resume-if-exists"]
+
+
+def torchrun(*args: str, restarts: int = 0, fault: str = "", fault_rank: str = "1", private: Path | None = None):
+    """`torchrun --standalone --nproc_per_node 2 tests/inject.py ARGS` (inject.py is `fastcifar` with a fault)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+           "FASTCIFAR_TEST_FAULT": fault, "FASTCIFAR_TEST_FAULT_RANK": fault_rank,
+           "FASTCIFAR_TEST_PRIVATE_DIR": str(private or "")}
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
+                           str(REPO / "tests" / "inject.py"), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env=env)
+
+
+def model_weights(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=False)["model"]
+
+
+def jsonl(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines()]
+
+
+@needs_torchrun
+def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_the_job_ends_as_if_uninterrupted(tmp_path):
+    """The same command under `torchrun --max-restarts 1`: rank 1 is SIGKILLed in epoch 1; torchrun restarts both
+    ranks, which continue from last.pt; weights and metrics equal an uninterrupted job's bit for bit. Rank 1 can
+    reach nothing in the run directory (as on a node with its own disk): rank 0 reads last.pt and sends it."""
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    result = torchrun("train", *RESTART_FLAGS, "--run-dir", str(straight))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun("train", *RESTART_FLAGS, "--run-dir", str(restarted), restarts=1, fault="kill-at-step:6",
+                      private=restarted)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at epoch 1" in result.stdout  # the restarted job continued; it did not start over
+    assert "exitcode: -9" in result.stderr  # torchrun saw rank 1 die of SIGKILL
+    a, b = model_weights(straight), model_weights(restarted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timings(jsonl(straight)) == without_timings(jsonl(restarted))
+    assert jsonl(straight, "steps.jsonl") == jsonl(restarted, "steps.jsonl")
+
+
+def test_resume_if_exists_refuses_a_run_of_another_configuration_naming_the_flags(tmp_path, capsys):
+    from fastcifar.cli import main
+    from fastcifar.train import fit
+
+    run = tmp_path / "run"
+    fit(tiny_config(run, epochs=1, monitor=False))
+    flags = ["train", "--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "8", "--wandb", "off",
+             "--no-report", "--progress", "off", "--no-monitor", "--run-dir", str(run), "--resume-if-exists"]
+    capsys.readouterr()
+    assert main([*flags, "--lr", "0.01", "--seed", "3", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "these flags differ from its config.json: --lr, --seed." in err  # not --epochs
+    assert main([*flags, "--epochs", "2"]) == 0  # the same command continues (and extends) it
+    assert "resuming at epoch 1" in capsys.readouterr().out
+
+
+@needs_torchrun
+def test_a_hung_rank_is_noticed_after_dist_timeout_by_a_message_naming_the_rank_and_what_it_was_doing(tmp_path):
+    result = torchrun("train", *RESTART_FLAGS, "--dist-timeout", "3", "--run-dir", str(tmp_path / "run"),
+                      fault="hang-at-step:2")
+    assert result.returncode != 0
+    assert ("error: rank 0 of 2 on " in result.stderr and "waited longer than --dist-timeout 3 s for the other "
+            "processes while training epoch 0: another process died or hangs" in result.stderr), result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr  # one message (the Traceback left is torchrun's own)
+
+
+def test_two_ranks_of_64_take_the_images_of_one_process_of_128_each_step():
+    """The plan's strided shards: at every step the union of the ranks' batches is the one process's batch, each
+    image with the same crop and flip."""
+    import numpy as np
+
+    from fastcifar.data.augment import parse_augment
+    from fastcifar.data.plan import draw_epoch_plan
+
+    spec = parse_augment("crop,flip,cutout=8")
+    for epoch in (0, 3):
+        one = draw_epoch_plan(384, spec, 0, epoch)
+        ranks = [draw_epoch_plan(384, spec, 0, epoch, rank, 2) for rank in (0, 1)]
+        for step in range(3):
+            def images(plan, size):
+                part = slice(step * size, (step + 1) * size)
+                return sorted(zip(plan.order[part], plan.offset_y[part], plan.offset_x[part], plan.flip[part],
+                                  map(tuple, plan.boxes[part])))
+            assert images(one, 128) == sorted(images(ranks[0], 64) + images(ranks[1], 64))
+        assert not np.array_equal(ranks[0].order, ranks[1].order)
+
+
+SYNC_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "384", "--epochs", "1", "--optimizer", "sgd", "--lr",
+              "0.05", "--no-monitor", "--channels-last", "off", "--wandb", "off", "--no-report", "--progress", "off"]
+
+
+@needs_torchrun
+def test_sync_bn_two_ranks_of_64_train_like_one_process_of_128(tmp_path):
+    """3 steps of 2 ranks x 64 with --sync-bn and of 1 process x 128: the same weights, metrics, evaluation and
+    checkpoints. Tolerance: 0.25 of the weight update (|dw_2 - dw_1| / |dw_1|). float32 rounding alone moves this
+    network that much: one process, channels_last on vs off, differs by 0.10 after these 3 steps (a float64 run of
+    the same step agrees to 1e-14); without --sync-bn the difference is 0.73 (per-rank BatchNorm statistics)."""
+    from fastcifar.cli import main
+    from fastcifar.evaluation import evaluate_checkpoint
+    from fastcifar.model import resnet18_cifar
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = torchrun("train", *SYNC_FLAGS, "--batch-size", "64", "--sync-bn", "--run-dir", str(two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync-bn" in result.stdout  # the header's active line
+    assert main(["train", *SYNC_FLAGS, "--batch-size", "128", "--run-dir", str(one)]) == 0
+
+    torch.manual_seed(0)
+    start = resnet18_cifar().state_dict()
+    a, b = model_weights(one), model_weights(two)
+    assert a.keys() == b.keys()
+    update = {k: (a[k] - start[k]).double() for k in a if a[k].is_floating_point()}
+    apart = sum(((a[k] - b[k]).double() ** 2).sum() for k in update) ** 0.5
+    assert apart <= 0.25 * sum((u ** 2).sum() for u in update.values()) ** 0.5
+
+    config = [json.loads((run / "config.json").read_text())["resolved"] for run in (one, two)]
+    assert [(c["global_batch_size"], c["steps_per_epoch"], c["trained_images_per_epoch"]) for c in config] == \
+        [(128, 3, 384)] * 2
+    (row_1,), (row_2,) = jsonl(one), jsonl(two)
+    assert row_1.keys() == row_2.keys() and row_1["train_images"] == row_2["train_images"] == 384
+    for key in ("train_loss", "test_loss"):
+        assert row_2[key] == pytest.approx(row_1[key], rel=0.03), key
+    for key in ("train_acc", "test_acc"):
+        assert row_2[key] == pytest.approx(row_1[key], abs=0.03), key
+    steps_1, steps_2 = jsonl(one, "steps.jsonl"), jsonl(two, "steps.jsonl")
+    assert [r["step"] for r in steps_1] == [r["step"] for r in steps_2] == [0, 1, 2]
+    assert steps_2[0]["loss"] == pytest.approx(steps_1[0]["loss"], rel=1e-4)  # the same weights, the same batch
+    # the sharded evaluation of 2 ranks (192 test images, 96 each, padded batches) equals one process's
+    alone = evaluate_checkpoint(two / "last.pt", device="cpu")
+    assert alone["test_acc"] == row_2["test_acc"] and alone["test_loss"] == pytest.approx(row_2["test_loss"], 1e-5)
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
+    assert summaries[0].keys() == summaries[1].keys()
+    assert summaries[0]["time_to_acc"].keys() == summaries[1]["time_to_acc"].keys()
+    assert [s["epochs_done"] for s in summaries] == [1, 1]
+    checkpoints = [torch.load(run / "last.pt", weights_only=False) for run in (one, two)]
+    assert checkpoints[0].keys() == checkpoints[1].keys()
+    assert [c["world_size"] for c in checkpoints] == [1, 2]
