@@ -13,22 +13,79 @@ import torch
 from support import REPO, tiny_config, without_timings
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
-                    reason="torchrun not found beside this Python")
-def test_two_process_ddp_run_on_cpu(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastcifar", "train", "--dataset", "synthetic",
-         "--synthetic-size", "64", "--batch-size", "8", "--epochs", "1", "--wandb", "off", "--no-report",
-         "--progress", "off", "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found beside this Python")
+RESTART_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "8", "--epochs", "2",
+                 "--wandb", "off", "--no-report", "--progress", "off", "--resume-if-exists"]
+
+
+def torchrun(*args: str, restarts: int = 0, fault: str = "", fault_rank: str = "1", private: Path | None = None):
+    """`torchrun --standalone --nproc_per_node 2 tests/inject.py ARGS` (inject.py is `fastcifar` with a fault)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+           "FASTCIFAR_TEST_FAULT": fault, "FASTCIFAR_TEST_FAULT_RANK": fault_rank,
+           "FASTCIFAR_TEST_PRIVATE_DIR": str(private or "")}
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
+                           str(REPO / "tests" / "inject.py"), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env=env)
+
+
+def model_weights(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=False)["model"]
+
+
+def jsonl(run: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 2-process job of RESTART_FLAGS: the run a restarted job must equal."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = torchrun("train", *RESTART_FLAGS, "--run-dir", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("epoch 0 [1/1]") == 1  # rank 0 alone prints
-    config = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    return run, result
+
+
+@needs_torchrun
+def test_two_process_ddp_run_on_cpu(straight):
+    run, result = straight
+    assert result.stdout.count("epoch 0 [1/2]") == 1  # rank 0 alone prints
+    config = json.loads((run / "config.json").read_text())["resolved"]
     assert config["world_size"] == 2 and config["global_batch_size"] == 16 and config["steps_per_epoch"] == 4
-    (row,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert row["train_images"] == 64  # 2 ranks x 4 steps x 8 images: every image once per epoch
-    assert "ddp x2" in row["active"]
+    rows = jsonl(run)
+    assert [row["train_images"] for row in rows] == [64, 64]  # 2 ranks x 4 steps x 8 images: every image once
+    assert "ddp x2" in rows[0]["active"]
+
+
+
+def test_restarted_processes_agree_on_a_store_generation_that_no_earlier_start_used():
+    """A restarted rank 1 that reads the counter before the restarted rank 0 draws a new generation still joins
+    rank 0's, not the dead round's (whose keys would hold the dead processes' addresses)."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from fastcifar.distributed import join_generation
+
+    store = dist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=20))
+
+    def start(first_rank, wait_s=0.0):
+        got = {}
+        threads = [threading.Thread(target=lambda r=r: got.__setitem__(r, join_generation(store, r, 3, 20)))
+                   for r in (first_rank, *(r for r in range(3) if r != first_rank))]
+        threads[0].start()
+        threading.Event().wait(wait_s)
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return got
+
+    assert start(0) == {0: 1, 1: 1, 2: 1}
+    assert start(1, wait_s=0.3) == {0: 2, 1: 2, 2: 2}  # rank 1 said hello to generation 1 first
+    assert start(2, wait_s=0.3) == {0: 3, 1: 3, 2: 3}
 
 
 @pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
@@ -54,39 +111,12 @@ def test_the_process_group_backend_follows_the_training_device(device, backend, 
     assert chosen == [backend] and devices == ([1] if backend == "nccl" else [])
 
 
-# --- a job that survives a lost process, trains like one process, and never hangs -----------------------------
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found beside this Python")
-RESTART_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "64", "--batch-size", "8", "--epochs", "2",
-                 "--wandb", "off", "--no-report", "--progress", "off", "--resume-if-exists"]
-
-
-def torchrun(*args: str, restarts: int = 0, fault: str = "", fault_rank: str = "1", private: Path | None = None):
-    """`torchrun --standalone --nproc_per_node 2 tests/inject.py ARGS` (inject.py is `fastcifar` with a fault)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
-           "FASTCIFAR_TEST_FAULT": fault, "FASTCIFAR_TEST_FAULT_RANK": fault_rank,
-           "FASTCIFAR_TEST_PRIVATE_DIR": str(private or "")}
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
-                           str(REPO / "tests" / "inject.py"), *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600, env=env)
-
-
-def model_weights(run: Path) -> dict:
-    return torch.load(run / "last.pt", weights_only=False)["model"]
-
-
-def jsonl(run: Path, name: str = "metrics.jsonl") -> list[dict]:
-    return [json.loads(line) for line in (run / name).read_text().splitlines()]
-
-
 @needs_torchrun
-def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_the_job_ends_as_if_uninterrupted(tmp_path):
+def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_the_job_ends_as_if_uninterrupted(straight, tmp_path):
     """The same command under `torchrun --max-restarts 1`: rank 1 is SIGKILLed in epoch 1; torchrun restarts both
     ranks, which continue from last.pt; weights and metrics equal an uninterrupted job's bit for bit. Rank 1 can
     reach nothing in the run directory (as on a node with its own disk): rank 0 reads last.pt and sends it."""
-    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
-    result = torchrun("train", *RESTART_FLAGS, "--run-dir", str(straight))
-    assert result.returncode == 0, result.stderr[-3000:]
+    straight, restarted = straight[0], tmp_path / "restarted"
     result = torchrun("train", *RESTART_FLAGS, "--run-dir", str(restarted), restarts=1, fault="kill-at-step:6",
                       private=restarted)
     assert result.returncode == 0, result.stderr[-3000:]
