@@ -176,7 +176,8 @@ def test_two_ranks_of_64_take_the_images_of_one_process_of_128_each_step():
 
 
 SYNC_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "384", "--epochs", "1", "--optimizer", "sgd", "--lr",
-              "0.05", "--no-monitor", "--channels-last", "off", "--wandb", "off", "--no-report", "--progress", "off"]
+              "0.05", "--no-monitor", "--channels-last", "off", "--wandb", "off", "--no-report", "--progress", "off",
+              "--target-acc", "0.05"]
 
 
 @needs_torchrun
@@ -221,7 +222,8 @@ def test_sync_bn_two_ranks_of_64_train_like_one_process_of_128(tmp_path):
     summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
     assert summaries[0].keys() == summaries[1].keys()
     assert summaries[0]["time_to_acc"].keys() == summaries[1]["time_to_acc"].keys()
-    assert [s["epochs_done"] for s in summaries] == [1, 1]
+    assert [(s["epochs_done"], s["target_reached_epoch"]) for s in summaries] == [(1, 0), (1, 0)]
+    assert [s["time_to_acc"] for s in summaries] == [{k: None for k in summaries[0]["time_to_acc"]}] * 2
     checkpoints = [torch.load(run / "last.pt", weights_only=False) for run in (one, two)]
     assert checkpoints[0].keys() == checkpoints[1].keys()
     assert [c["world_size"] for c in checkpoints] == [1, 2]
