@@ -227,3 +227,21 @@ def test_sync_bn_two_ranks_of_64_train_like_one_process_of_128(tmp_path):
     checkpoints = [torch.load(run / "last.pt", weights_only=False) for run in (one, two)]
     assert checkpoints[0].keys() == checkpoints[1].keys()
     assert [c["world_size"] for c in checkpoints] == [1, 2]
+
+
+def test_resume_if_exists_starts_afresh_where_its_run_saved_no_epoch(tmp_path, capsys):
+    """Restarted before its first save (killed in epoch 0): the same command begins again in its directory."""
+    from fastcifar.cli import main
+
+    run = tmp_path / "run"
+    flags = ["train", "--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "8", "--epochs", "1",
+             "--wandb", "off", "--no-report", "--progress", "off", "--no-monitor", "--run-dir", str(run),
+             "--resume-if-exists"]
+    assert main(flags) == 0
+    first = jsonl(run)
+    for name in ("last.pt", "best.pt", "summary.json"):  # as if killed after the epoch's row, before its save
+        (run / name).unlink()
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert without_timings(jsonl(run)) == without_timings(first)  # one epoch-0 row, not two
