@@ -202,7 +202,8 @@ class TrainingRun:
         self.active = " ".join(n for n, on in [
             ("compile", res.compile), ("cuda-graphs", res.cuda_graphs), ("channels_last", res.channels_last),
             (res.precision, True), (res.loader, True), (f"ddp x{self.info.world_size}", self.info.enabled),
-            ("sync-bn", self.cfg.sync_bn and self.info.enabled), (f"ema {self.cfg.ema}", bool(self.cfg.ema)), ("tta flip", self.cfg.tta == "flip")] if on)
+            ("sync-bn", self.cfg.sync_bn and self.info.enabled), (f"ema {self.cfg.ema}", bool(self.cfg.ema)),
+            ("tta flip", self.cfg.tta == "flip")] if on)
         self.info.doing = "waiting for rank 0 to prepare the run directory"
         self._on_main(lambda: self._prepare_directory(s))
         if self.info.is_main:
