@@ -1,10 +1,11 @@
 """--sync-bn: BatchNorm statistics over the global batch of all DDP ranks, not each rank's shard.
 
 On CUDA this is torch's SyncBatchNorm. torch's runs on GPUs only (its statistics kernels have no CPU version, and
-DDP refuses it on the CPU), so on the CPU (gloo) the same computation is done here with plain tensor ops: per-channel mean and M2 of each
-rank gathered and combined (Chan et al.'s parallel variance, no E[x^2]-E[x]^2 cancellation), and in backward
-the two per-channel gradient sums all-reduced. The weights and bias gradients stay per rank; DDP averages them
-like every other gradient, which is what makes 2 ranks x 64 images train as 1 process x 128.
+DDP refuses it on the CPU), so on the CPU (gloo) the same computation is done here with plain tensor ops: each
+rank's per-channel mean and M2 gathered and combined (Chan et al.'s parallel variance, no E[x^2]-E[x]^2
+cancellation), and in backward the two per-channel gradient sums all-reduced. The weight and bias gradients stay
+per rank; DDP averages them like every other gradient, which is what makes 2 ranks x 64 images train as
+1 process x 128 (to 1e-14 in float64).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ if private and rank != "0":
     os.stat, os.lstat = guarded(os.stat), guarded(os.lstat)
 
 kind, _, arg = os.environ.get("FASTCIFAR_TEST_FAULT", "").partition(":")
-if os.environ.get("FASTCIFAR_TEST_FAULT_RANK", rank) != rank or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+if os.environ.get("FASTCIFAR_TEST_FAULT_RANK", rank) != rank or restarted:
     kind = ""
 if kind in ("kill-at-step", "signal-at-step", "hang-at-step"):
     *names, at = arg.split(":")
