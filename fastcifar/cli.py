@@ -16,15 +16,11 @@ import warnings
 from pathlib import Path
 
 from fastcifar import FastCifarError, __version__
-from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, RECIPES, TTA_MODES, WANDB_MODES,
-                              TrainConfig, build_config, expand_path)
+from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, RECIPES, RESUMABLE, TTA_MODES,
+                              WANDB_MODES, TrainConfig, build_config, expand_path)
 from fastcifar.console import surviving_output
 from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
-# Flags that may change when a run is resumed; everything else comes from the run's config.json.
-# --epochs extends (or shortens) the schedule: see run.py and the README.
-RESUMABLE = {"progress", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download", "epochs",
-             "save_every", "target_acc", "peak_tflops"}
 
 
 def _int_list(text: str) -> list[int]:
@@ -117,6 +113,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", choices=AUTO_ON_OFF, help="capture the whole training step in a CUDA graph; "
                                                               "auto: on for CUDA when compile is on")
     g.add_argument("--peak-tflops", type=float, help="device peak for MFU when the GPU is not in fastcifar's table")
+    g = p.add_argument_group("several processes (torchrun)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="BatchNorm statistics over the global batch of all processes (default: off, each process "
+                        "normalises with its own batch's)")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help=f"a process that waits longer than this for the others (one died or hangs) stops with a "
+                        f"message naming it and what it was doing; default {d.dist_timeout:g}")
     g = p.add_argument_group("monitoring and tracking")
     g.add_argument("--no-monitor", dest="monitor", action="store_const", const=False,
                    help="skip gradient-flow and weight-update sampling")
@@ -136,6 +139,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", metavar="N|S,S,..", help="train once per seed in one process (compiled once): N = "
                    "seeds 0..N-1, or a list like 0,1,2 (one seed: 7,). --run-dir is the group's folder: a run "
                    "folder seed-K per seed and summary.json with mean, std and 95%% CI of each metric")
+    g.add_argument("--resume-if-exists", action="store_true",
+                   help="with --run-dir: continue from RUN_DIR/last.pt when there is one (the same command again, "
+                        "e.g. after torchrun restarts a failed job), else start there; refuses a run of another "
+                        "configuration")
     g.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from a checkpoint's model weights "
                                                              "(last.pt or best.pt)")
     g.add_argument("--save-every", type=_auto_or_int, metavar="K", help="save last.pt every K epochs (and always "
@@ -212,9 +219,13 @@ def run_train(args: argparse.Namespace) -> int:
         return _run_group(args, given, resume)
     if resume and args.init_from:
         raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
+    if args.resume_if_exists and (resume or not args.run_dir):
+        raise FastCifarError("--resume-if-exists needs --run-dir (the folder a restarted command continues in) and "
+                             "no --resume.")
     cfg = _resumed_config(resume, given, args.recipe) if resume else build_config(args.recipe or "worksheet", **given)
     summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
-                  stop_after_epoch=args.stop_after_epoch, profile=args.profile)
+                  stop_after_epoch=args.stop_after_epoch, profile=args.profile,
+                  resume_if_exists=args.resume_if_exists)
     return summary.get("exit_code", 0) if summary else 0
 
 

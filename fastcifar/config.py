@@ -70,6 +70,9 @@ class TrainConfig:
     channels_last: str = "auto"
     amp: str = "auto"
     cuda_graphs: str = "auto"
+    # distributed (torchrun)
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (all ranks), not each rank's shard
+    dist_timeout: float = 600.0  # seconds a process waits for the others in a collective before it fails
     # monitoring
     monitor: bool = True
     grad_every: int | None = None  # None: about 4 samples per epoch
@@ -101,6 +104,17 @@ RECIPES: dict[str, dict] = {
 }
 
 PATH_FIELDS = ("data_dir", "run_dir", "init_from")
+
+# Flags that may change when a run is resumed; everything else comes from the run's config.json.
+# --epochs extends (or shortens) the schedule: see run.py and the README.
+RESUMABLE = {"progress", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download", "epochs",
+             "save_every", "target_acc", "peak_tflops", "dist_timeout"}
+
+
+def differing_flags(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The flags, as typed, whose value in `cfg` differs from a run's saved config and may not change."""
+    return sorted("--" + k.replace("_", "-") for k, v in cfg.to_dict().items()
+                  if k not in RESUMABLE and saved.get(k, getattr(TrainConfig, k, None)) != v)
 
 
 def default_grad_epochs(epochs: int) -> list[int]:
@@ -158,6 +172,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.grad_every is None or cfg.grad_every >= 1, f"--grad-every must be positive, got {cfg.grad_every}")
     need(cfg.grad_low >= 0 and cfg.grad_high > cfg.grad_low,
          f"--grad-low/--grad-high must satisfy 0 <= low < high, got {cfg.grad_low}, {cfg.grad_high}")
+    need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of seconds, got {cfg.dist_timeout}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
     for name, value, choices in [("optimizer", cfg.optimizer, OPTIMIZERS), ("scheduler", cfg.scheduler, SCHEDULES),
                                  ("dataset", cfg.dataset, DATASETS), ("loader", cfg.loader, LOADERS),

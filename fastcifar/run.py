@@ -28,7 +28,7 @@ from fastcifar import distributed as dist
 from fastcifar import flops
 from fastcifar.checkpoint import (Best, Timing, best_weights, check_compatible, load_checkpoint, restore,
                                   resume_state, save_checkpoint)
-from fastcifar.config import TrainConfig, resolve
+from fastcifar.config import TrainConfig, differing_flags, resolve
 from fastcifar.console import epoch_line, header, make_progress, shell_command, summary_table
 from fastcifar.data.cifar import hold_out_validation, load_dataset
 from fastcifar.files import CannotWrite, NoSpace, refresh_umask, remove_stale_temp_files
@@ -79,8 +79,9 @@ class TrainingRun:
     # --- open: every check that can fail, nothing written ------------------------------------------------
     @classmethod
     def open(cls, cfg: TrainConfig, info: dist.DistInfo, *, resume_dir=None, init_from=None,
-             stop_after_epoch: int | None = None, dataset=None) -> TrainingRun:
-        """`dataset`: one already loaded for this config (the seeds of a --seeds run share it)."""
+             stop_after_epoch: int | None = None, dataset=None, resume_if_exists: bool = False) -> TrainingRun:
+        """`dataset`: one already loaded for this config (the seeds of a --seeds run share it).
+        `resume_if_exists`: continue from the run directory's last.pt when it has one (torchrun's restart)."""
         path = Path(resume_dir) if resume_dir else Path(cfg.run_dir or default_run_dir(cfg.recipe))
         run = cls(cfg, info, dist.broadcast_object(path, info), stop_after_epoch)
         run.default_dir = resume_dir is None and not cfg.run_dir  # a fresh name is claimed when it is created
@@ -88,6 +89,9 @@ class TrainingRun:
         refresh_umask()  # read once, here, before any other thread (W&B, loader workers) exists
         try:
             run._on_main(run.dir.check_usable)  # first: a live process there is named, whatever the folder holds
+            info.doing = "waiting for rank 0 to check the run directory"
+            if resume_if_exists and run._on_main(run._saved_run_to_continue) == "last.pt":
+                resume_dir = run.dir.path
             if resume_dir is not None:
                 run._open_resume()
             else:
@@ -100,6 +104,7 @@ class TrainingRun:
                                                                cfg.synthetic_size, cfg.seed), cfg.val_split, cfg.seed)
 
             run.dataset = dataset
+            info.doing = "loading the data (rank 0 first)"
             if dataset is None:
                 run._on_main(load)  # rank 0 first: a missing CIFAR-10 is downloaded once, not by every rank at once
             if run.dataset is None:
@@ -111,20 +116,38 @@ class TrainingRun:
             raise
         return run
 
-    def _on_main(self, action) -> None:
-        """Run `action` on rank 0; a FastCifarError there stops every rank with its message (the others would
+    def _on_main(self, action):
+        """Run `action` on rank 0 and return its result on every rank (sent by broadcast: the other ranks need no
+        access to the run directory); a FastCifarError there stops every rank with its message (the others would
         otherwise wait forever in the next collective)."""
-        error = None
+        error = result = None
         if self.info.is_main:
             try:
-                action()
+                result = action()
             except FastCifarError as exc:
                 error = exc
-        message = dist.broadcast_object(str(error) if error is not None else None, self.info)
+        message, result = dist.broadcast_object((str(error) if error is not None else None, result), self.info)
         if error is not None:
             raise error
         if message is not None:
             raise FastCifarError(message)
+        return result
+
+    def _saved_run_to_continue(self) -> str | None:
+        """--resume-if-exists, on rank 0: "last.pt" when the run directory holds this configuration's run to
+        continue; None when it holds none, or one that saved no epoch yet (a fresh start there clears it)."""
+        if not self.dir.holds_run():
+            return None
+        try:
+            saved = self.dir.read_json("config.json")["config"]
+        except (FastCifarError, KeyError, TypeError):
+            raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run without a readable config.json: "
+                                 f"it cannot be checked against this command; choose another --run-dir.") from None
+        differ = differing_flags(saved, self.cfg)
+        if differ:
+            raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run of another configuration; these "
+                                 f"flags differ from its config.json: {', '.join(differ)}.")
+        return "last.pt" if self.dir.file("last.pt").is_file() else None
 
     def _refuse_a_used_directory(self) -> None:
         """A folder holding a saved epoch (or a finished run's record) is refused; one whose run saved nothing is
@@ -158,6 +181,11 @@ class TrainingRun:
                 f" starts a new run from its weights.")
 
     def _open_resume(self) -> None:
+        """Rank 0 reads last.pt and sends it to the others: nodes need not share the run directory."""
+        self.info.doing = "waiting for rank 0 to read last.pt and send it"
+        self.resume_state = self._on_main(self._read_last)
+
+    def _read_last(self) -> dict:
         last = self.dir.file("last.pt")
         if not last.is_file():
             saved = self.dir.saved()
@@ -177,19 +205,20 @@ class TrainingRun:
                                  f"finished epochs) is missing{records}; it holds {', '.join(saved)}."
                                  + (self._init_from_best() or " No checkpoint survives there: start a new run."))
         try:
-            self.resume_state = load_checkpoint(last)
+            state = load_checkpoint(last)
         except FastCifarError as exc:
             good = self._intact_best()
             raise FastCifarError(f"{exc} It cannot be resumed." + (
                 f" {good} is intact: `{shell_command('fastcifar', 'train', '--init-from', good)}` starts a new run "
                 f"from its weights." if good else "")) from None
-        done = self.resume_state["epoch"]
+        done = state["epoch"]
         if done >= self.cfg.epochs:
             raise FastCifarError(f"{self.dir.path} already finished all {done} epochs: nothing to resume (pass "
                                  f"--epochs N with N > {done} to train it further).")
         # Read before locking, so that refusing a finished run changes nothing on disk; saves are atomic renames, so
         # what was read is a whole checkpoint even if another process holds the directory (the lock then says so).
-        self._on_main(self.dir.lock)
+        self.dir.lock()
+        return state
 
     def _intact_best(self) -> Path | None:
         try:
@@ -229,7 +258,9 @@ class TrainingRun:
         self.active = " ".join(n for n, on in [
             ("compile", res.compile), ("cuda-graphs", res.cuda_graphs), ("channels_last", res.channels_last),
             (res.precision, True), (res.loader, True), (f"ddp x{self.info.world_size}", self.info.enabled),
-            (f"ema {self.cfg.ema}", bool(self.cfg.ema)), ("tta flip", self.cfg.tta == "flip")] if on)
+            ("sync-bn", self.cfg.sync_bn and self.info.enabled), (f"ema {self.cfg.ema}", bool(self.cfg.ema)),
+            ("tta flip", self.cfg.tta == "flip")] if on)
+        self.info.doing = "waiting for rank 0 to prepare the run directory"
         self._on_main(lambda: self._prepare_directory(s))
         if self.info.is_main:
             self._header(s)
@@ -252,7 +283,8 @@ class TrainingRun:
             self.start_epoch, self.best, self.timing = restore(s, self.resume_state, self.dir.file("last.pt"),
                                                                self.info.world_size)
             self.saved_through = self.last_finished = self.start_epoch - 1
-            self.timing.count_the_last_save([self.dir.file("last.pt"), self.dir.file("best.pt")])
+            if self.info.is_main:  # the others cannot look at the run directory
+                self.timing.count_the_last_save([self.dir.file("last.pt"), self.dir.file("best.pt")])
         elif self.init_state is not None:
             check_compatible(s.model.state_dict(), self.init_state["model"], Path(self.cfg.init_from))
             s.model.load_state_dict(self.init_state["model"])
@@ -411,6 +443,7 @@ class TrainingRun:
         chosen_by = selection_acc(cfg.tta, row)  # validation accuracy under --val-split, else the test's
         if chosen_by > self.best.acc:
             self.best = Best.of(s, epoch, chosen_by, test_acc=acc)
+        self.info.doing = f"recording epoch {epoch}"
         signalled = dist.any_rank(self.stop.signum is not None, self.info, self.res.device)
         target = cfg.target_acc is not None and acc >= cfg.target_acc
         if target:
@@ -423,6 +456,8 @@ class TrainingRun:
                 row["checkpoint_time_s"] = self._save(s, epoch)
                 self.tracker.log({"epoch": epoch, "time/checkpoint_s": row["checkpoint_time_s"]})
             print(epoch_line(cfg, row), flush=True)
+        else:
+            self.info.doing = f"waiting for rank 0 to record epoch {epoch}" + (" and save it" if due else "")
         dist.barrier(self.info)
         if signalled:
             self.remote_stop = self.stop.signum is None

@@ -196,7 +196,7 @@ def fit_group(group: Group, *, loss_fn=None) -> dict:
     from fastcifar.run import TrainingRun
     from fastcifar.train import build_session, reset_session, run_epochs
 
-    info = dist.setup(group.cfg.device)
+    info = dist.setup(group.cfg.device, group.cfg.dist_timeout)
     session, dataset, stopped = None, None, None
     try:
         if info.is_main:

@@ -29,6 +29,7 @@ from fastcifar.monitor import LayerMonitor
 from fastcifar.optim import LRSchedule, WeightEMA, build_optimizer
 from fastcifar.profiling import StepProfiler
 from fastcifar.run import TrainingRun
+from fastcifar.sync_bn import convert_sync_batchnorm
 
 
 __all__ = ["Session", "TrainingDiverged", "build_session", "evaluate", "fit", "reset_session", "run_epochs",
@@ -81,6 +82,8 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
         torch.backends.cudnn.allow_tf32 = True
     memory_format = torch.channels_last if res.channels_last else torch.contiguous_format
     model = resnet18_cifar(num_classes=len(ds.classes), zero_init_residual=cfg.zero_init_residual)
+    if cfg.sync_bn and info.enabled:
+        model = convert_sync_batchnorm(model, res.device)
     model = model.to(res.device, memory_format=memory_format)
     step_model = model
     if info.enabled:
@@ -265,10 +268,13 @@ def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
     totals = torch.stack([s.step_losses.sum() * loader.batch_size, s.step_correct.sum().to(s.step_losses.dtype)])
     totals = dist.all_reduce_sum(totals, s.info).tolist()
     seen = steps * loader.batch_size * s.info.world_size
+    step_losses = s.step_losses  # this rank's; under DDP the mean over ranks is the global batch's loss
+    if s.info.enabled:
+        step_losses = dist.all_reduce_sum(step_losses.clone(), s.info) / s.info.world_size
     order = {name: i for i, name in enumerate(s.monitor.layer_names)} if s.monitor else {}
     return {"train_loss": totals[0] / seen, "train_acc": totals[1] / seen, "train_images": seen,
             "flags": {k: sorted(v, key=order.get) for k, v in flags.items()}, "compile_s": compile_s,
-            "samples": samples, "step_losses": s.step_losses.tolist(),
+            "samples": samples, "step_losses": step_losses.tolist(),
             "update_ratio_epoch": s.monitor.end_epoch() if s.monitor else None}
 
 
@@ -328,21 +334,29 @@ def _sync(device: torch.device) -> None:
 
 
 def fit(cfg: TrainConfig, *, resume_dir=None, init_from=None, stop_after_epoch: int | None = None,
-        loss_fn: Callable | None = None, profile: int | None = None) -> dict:
+        loss_fn: Callable | None = None, profile: int | None = None, resume_if_exists: bool = False) -> dict:
     """Train per `cfg`, continue the run in `resume_dir`, or start from the weights of `init_from`; returns the
     summary (rank 0; {} on the others). Nothing is written until every check has passed. `profile`: profile that
-    many steps after the warm-up into RUN_DIR/profile/ (profiling.py; rank 0)."""
-    info = dist.setup(cfg.device)
+    many steps after the warm-up into RUN_DIR/profile/ (profiling.py; rank 0). `resume_if_exists`: continue from
+    cfg.run_dir's last.pt when it has one (the same command, restarted), else start there."""
+    info = dist.setup(cfg.device, cfg.dist_timeout)
     try:
         with TrainingRun.open(cfg, info, resume_dir=resume_dir, init_from=init_from,
-                              stop_after_epoch=stop_after_epoch) as run:
+                              stop_after_epoch=stop_after_epoch, resume_if_exists=resume_if_exists) as run:
+            info.doing = "building the model (DDP copies rank 0's weights to every process)"
             s = build_session(run.cfg, info, run.dataset, run.res, loss_fn=loss_fn, notice=run.notice)
             run.start(s)  # run directory and lock, restored state, header, W&B
             if profile and info.is_main:
                 s.profiler = StepProfiler(run.dir.path / "profile", profile, run.res.device, notice=run.notice,
                                           describe=f"batch {cfg.batch_size}, {run.active}")
             run_epochs(run, s)
+            info.doing = "finishing the run"
             return run.close(s)
+    except (RuntimeError, dist.dist.DistError) as exc:
+        failure = dist.collective_failure(exc, info)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         dist.cleanup(info)
 
@@ -351,10 +365,12 @@ def run_epochs(run: TrainingRun, s: Session) -> None:
     """The epoch loop of a started run, until its last epoch, a signal, --target-acc or --stop-after-epoch."""
     for epoch in run.epochs():
         clock = run.clock()
+        s.info.doing = f"training epoch {epoch}"  # what a --dist-timeout message says this rank was doing
         train = train_one_epoch(s, epoch, run.progress(epoch))
         if train is None:
             break  # stopped by a signal: the unfinished epoch is abandoned
         clock.lap("train")
+        s.info.doing = f"evaluating epoch {epoch}"
         test = evaluate(s)
         clock.lap("eval")
         if run.end_epoch(s, epoch, train, test, clock):
