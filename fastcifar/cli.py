@@ -180,7 +180,11 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from fastcifar.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(expand_path(args.checkpoint), tta=args.tta, data_dir=expand_path(args.data_dir),
+    checkpoint = expand_path(args.checkpoint)
+    if Path(checkpoint).is_dir():
+        raise FastCifarError(f"{checkpoint} is a run directory; evaluate a checkpoint in it: "
+                             f"{Path(checkpoint) / 'best.pt'} (the best epoch) or {Path(checkpoint) / 'last.pt'}")
+    result = evaluate_checkpoint(checkpoint, tta=args.tta, data_dir=expand_path(args.data_dir),
                                  download=args.download, test_subset=args.test_subset, device=args.device,
                                  batch_size=args.batch_size)
     if args.json:
