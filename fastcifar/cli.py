@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from fastcifar import FastCifarError, __version__
 from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, RECIPES, TTA_MODES, WANDB_MODES,
-                              TrainConfig, build_config, expand_path)
+                              TrainConfig, build_config, config_yaml, expand_path, read_config_file,
+                              recipe_warmup)
 from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
 # Flags that may change when a run is resumed; everything else comes from the run's config.json.
 # --epochs extends (or shortens) the schedule: see run.py and the README.
-RESUMABLE = {"progress", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download", "epochs",
+RESUMABLE = {"progress", "log_interval", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download", "epochs",
              "save_every", "target_acc", "peak_tflops"}
 
 
@@ -108,8 +110,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb", choices=WANDB_MODES, help="auto: online with an API key, offline otherwise")
     g.add_argument("--wandb-project", help=f"default {d.wandb_project}")
     g.add_argument("--progress", choices=AUTO_ON_OFF, help="auto: a live bar on a terminal, plain lines otherwise")
+    g.add_argument("--log-interval", type=float, metavar="SECONDS",
+                   help="without a terminal (nohup, Slurm, CI): a progress line with loss, LR, images/s and time "
+                        f"left every SECONDS inside an epoch (0: every step); default {d.log_interval:g}")
     g.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the PNGs at the end")
     g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE", help="read flags from a YAML or JSON file (or a run's config.json, to "
+                                                    "repeat it); flags on the command line override it")
+    g.add_argument("--print-config", action="store_true", help="print the whole configuration as YAML (a file "
+                                                                "--config reads back) and exit")
     g.add_argument("--run-dir", help="default runs/<timestamp>-<recipe>; must not hold another run")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     g.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from a checkpoint's model weights "
@@ -119,6 +128,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "training time since the last save")
     g.add_argument("--stop-after-epoch", type=int, metavar="K",
                    help="stop once K epochs of the schedule are done (resume later with --resume)")
+    g = p.add_argument_group("quick checks (seconds: every part of a run, no meaningful numbers)")
+    g.add_argument("--limit-steps", type=int, metavar="N",
+                   help="train only the first N steps of each epoch and evaluate only N batches")
+    g.add_argument("--fast-dev-run", action="store_true",
+                   help="a whole run in seconds: --limit-steps 2 --epochs 2 --wandb off unless given otherwise; "
+                        "trains, evaluates, saves, resumes and draws as a full run does")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -166,12 +181,33 @@ def run_train(args: argparse.Namespace) -> int:
 
     # a flag given as `auto` counts as given (on resume it replaces the run's value) and means None (automatic)
     given = {k: None if v == AUTO else v for k, v in vars(args).items() if k in TRAIN_KEYS and v is not None}
+    if args.fast_dev_run:
+        given = {"limit_steps": 2, "epochs": 2, "wandb": "off", **given}
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise FastCifarError(f"--stop-after-epoch must be a positive whole number, got {args.stop_after_epoch}")
     resume = expand_path(args.resume)
     if resume and args.init_from:
         raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
-    cfg = _resumed_config(resume, given, args.recipe) if resume else build_config(args.recipe or "worksheet", **given)
+    if resume and args.config:
+        raise FastCifarError("--resume continues a run with its own config.json; --config starts a new run: pick one.")
+    recipe = args.recipe
+    if args.config:
+        from_file, note = read_config_file(expand_path(args.config))
+        recipe = recipe or from_file.pop("recipe", None) or "worksheet"
+        from_file.pop("recipe", None)
+        if recipe not in RECIPES:
+            raise FastCifarError(f"--config {args.config}: unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
+        # a file's warm-up that is its recipe's share follows --epochs on the command line, as the recipe's own does
+        if "epochs" in given and "warmup_epochs" not in given and from_file.get("warmup_epochs") == \
+                recipe_warmup(recipe, from_file.get("epochs") or RECIPES[recipe].get("epochs", TrainConfig.epochs)):
+            from_file.pop("warmup_epochs")
+        given = {**{k: v for k, v in from_file.items() if v is not None}, **given}
+        if note and not args.print_config and os.environ.get("RANK", "0") == "0":
+            print(note)
+    cfg = _resumed_config(resume, given, recipe) if resume else build_config(recipe or "worksheet", **given)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
                   stop_after_epoch=args.stop_after_epoch)
     return summary.get("exit_code", 0) if summary else 0

@@ -16,6 +16,7 @@ import math
 import signal
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,9 +29,10 @@ from fastcifar import flops
 from fastcifar.checkpoint import (Best, Timing, best_weights, check_compatible, load_checkpoint, restore,
                                   resume_state, save_checkpoint)
 from fastcifar.config import RECIPES, TrainConfig, resolve
-from fastcifar.console import epoch_line, header, make_progress, summary_table
+from fastcifar.console import WIDTH, device_line, epoch_line, header, make_progress, summary_table
 from fastcifar.data.cifar import load_dataset
 from fastcifar.files import NoSpace, refresh_umask, remove_stale_temp_files
+from fastcifar.progress import EpochProgress
 from fastcifar.signals import GracefulStop, RunInterrupted
 from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, summarise
 from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
@@ -76,6 +78,7 @@ class TrainingRun:
         self.tracker: WandbTracker | None = None
         self.sink: MetricsSink | None = None
         self.started = time.perf_counter()
+        self.last_eval_s: float | None = None  # the last epoch's evaluation time: the progress lines' estimate
 
     # --- open: every check that can fail, nothing written ------------------------------------------------
     @classmethod
@@ -160,6 +163,8 @@ class TrainingRun:
         if steps == 0:
             raise FastCifarError(f"the training set has {n} images ({n // ws} per process), fewer than one batch "
                                  f"of {cfg.batch_size}: lower --batch-size or raise --train-subset.")
+        if cfg.limit_steps:
+            steps = min(steps, cfg.limit_steps)
         self.trained_images = steps * cfg.batch_size * ws
         self.res.eval_batch_size = max(1, min(self.res.eval_batch_size, -(-len(ds.test_labels) // ws)))
 
@@ -294,7 +299,8 @@ class TrainingRun:
             start = None
         print(header(self.cfg, self.dataset, run_dir=self.dir.path, steps=len(s.train_loader),
                      trained_images=self.trained_images, world_size=self.info.world_size, notices=self.res.notices,
-                     resolved=self.resolved, active=f"{self.res.device.type} {self.active}", start=start))
+                     resolved=self.res.to_dict(), active=f"{self.res.device.type} {self.active}", start=start,
+                     device=device_line(self.cfg, self.res.device, self.device_name)))
 
     def notice(self, text: str) -> None:
         if self.info.is_main:
@@ -309,8 +315,17 @@ class TrainingRun:
     def clock(self) -> EpochClock:
         return EpochClock(self.session.sync)
 
-    def progress(self, epoch: int):
-        return make_progress(self.cfg, self.info, len(self.session.train_loader) * self.cfg.batch_size, epoch)
+    def progress(self, epoch: int) -> EpochProgress | None:
+        if not self.info.is_main:
+            return None
+        s = self.session
+        bar = make_progress(self.cfg, self.info, len(s.train_loader) * self.cfg.batch_size, epoch)
+        # evaluation's share of a training step, by FLOPs: forward only, twice under flip TTA
+        eval_flops = flops.forward_flops_per_image(num_classes=len(self.dataset.classes)) * \
+            (2 if self.cfg.tta == "flip" else 1) * s.eval_loader.num_images
+        return EpochProgress(s, epoch=epoch, end_epoch=self.loop_end, bar=bar, interval=self.cfg.log_interval,
+                             eval_per_step=eval_flops / (self.flops_per_image * self.cfg.batch_size),
+                             last_eval_s=self.last_eval_s, estimate=epoch == self.start_epoch)
 
     @property
     def stopped_by(self) -> str | None:
@@ -331,15 +346,17 @@ class TrainingRun:
         cfg = self.cfg
         self.last_finished = epoch
         train_s, eval_s = clock.laps["train"], clock.laps["eval"]
+        self.last_eval_s = eval_s - test["compile_s"]
         compile_s = train["compile_s"] + test["compile_s"]
         self.timing.train_s += train_s
         self.timing.compile_s += compile_s
         self.trained_since_save += train_s
         steps = len(s.train_loader)
-        lr_start, lr_end = s.schedule.lr_at([epoch * steps, (epoch + 1) * steps - 1])
+        lrs = s.schedule.lr_at(range(epoch * steps, (epoch + 1) * steps))  # host arithmetic, no sync
+        lr_start, lr_end, lr_peak = lrs[0], lrs[-1], max(lrs)
         ips = train["train_images"] / train_s
         row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_acc", "train_images")},
-               **{k: v for k, v in test.items() if k != "compile_s"}, "lr": lr_start, "lr_end": lr_end,
+               **{k: v for k, v in test.items() if k != "compile_s"}, "lr": lr_start, "lr_end": lr_end, "lr_peak": lr_peak,
                "train_time_s": train_s, "eval_time_s": eval_s, "epoch_time_s": train_s + eval_s,
                "compile_s": compile_s, "elapsed_train_s": self.timing.train_s, "elapsed_s": self._wall(),
                "train_images_per_s": ips,
@@ -433,7 +450,9 @@ class TrainingRun:
         self.sink.summary(summary)
         finished = summary["finished"]
         print()
-        print(f"{'Results' if finished else 'Stopped early: results so far'} — {self.dataset.description}")
+        quick = f" (quick check, --limit-steps {self.cfg.limit_steps})" if self.cfg.limit_steps else ""
+        print(textwrap.fill(f"{'Results' if finished else 'Stopped early: results so far'}{quick} — "
+                            f"{self.dataset.description}", WIDTH, subsequent_indent="    "))
         print(summary_table(summary))
         if self.target_epoch is not None:
             print(f"target test accuracy {100 * self.cfg.target_acc:g}% reached at epoch {self.target_epoch}: "
@@ -447,7 +466,8 @@ class TrainingRun:
             from fastcifar.report import make_report
 
             plots = make_report(self.dir.path)
-            print(f"plots: {', '.join(str(p) for p in plots)}")
+            if plots:
+                print(f"plots in {Path(plots[0]).parent}: {', '.join(Path(p).name for p in plots)}")
             self.tracker.log_images(plots)
         self.tracker.finish()
         if self.stopped_by:

@@ -23,7 +23,7 @@ from fastcifar.cuda_graphs import EagerStep, GraphedStep
 from fastcifar.data.augment import parse_augment
 from fastcifar.data.cifar import Dataset
 from fastcifar.data.loaders import make_eval_loader, make_train_loader
-from fastcifar.data.plan import IGNORE_LABEL, EvalLoader, TrainLoader
+from fastcifar.data.plan import IGNORE_LABEL, EvalLoader, LimitedEvalLoader, LimitedTrainLoader, TrainLoader
 from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import LayerMonitor
 from fastcifar.optim import LRSchedule, WeightEMA, build_optimizer
@@ -102,6 +102,9 @@ def build_session(cfg: TrainConfig, info: dist.DistInfo, ds: Dataset, res: Resol
         notice(f"loader: torch (GPU-resident torch ops), not DALI: DALI failed to start ({why})")
         res.loader = "torch"
         train_loader, eval_loader = loaders(res.loader)
+    if cfg.limit_steps:  # before anything sized by the epoch's steps: schedule, buffers, monitor
+        train_loader, eval_loader = LimitedTrainLoader(train_loader, cfg.limit_steps), \
+            LimitedEvalLoader(eval_loader, cfg.limit_steps)
     steps = len(train_loader)
     optimizer = build_optimizer(cfg, model, res.device, capturable=res.cuda_graphs)
     schedule = LRSchedule(optimizer, cfg.scheduler, cfg.epochs * steps, round(cfg.warmup_epochs * steps))
@@ -210,6 +213,8 @@ def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
             progress.update(len(labels))
         if s.stop_requested():
             return None
+    if progress is not None:
+        progress.close()
 
     if warming:  # an epoch shorter than the warm-up: all of it was warm-up
         s.sync()
