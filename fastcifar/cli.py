@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
     # One line per warning (e.g. the md5 notice), without the source line that Python would print under it.
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    warnings.formatwarning = lambda msg, cat, *a, **k: textwrap.fill(f"warning: {msg}", 120,
+                                                                     subsequent_indent="    ") + "\n"
     try:
         return args.func(args)
     except FastCifarError as exc:

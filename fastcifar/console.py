@@ -38,7 +38,7 @@ def header(cfg, ds, *, run_dir, steps: int, trained_images: int, world_size: int
     total = len(ds.train_labels)
     dropped = total - trained_images
     lines = [f"fastcifar {__version__} — run directory {run_dir}"] + ([device] if device else [])
-    lines.append(f"data: {ds.description}")
+    lines.append(textwrap.fill(f"data: {ds.description}", WIDTH, subsequent_indent="    "))
     if cfg.limit_steps:
         lines.append(f"quick check (--limit-steps {cfg.limit_steps}): {plural(steps, 'step')} of {cfg.batch_size} "
                      f"and at most {plural(cfg.limit_steps, 'evaluation batch', 'es')} per epoch; numbers mean nothing")
@@ -65,7 +65,7 @@ def device_line(cfg, device, name: str) -> str:
     if device.type == "cuda":
         return f"device: {name} ({device})"
     why = "no GPU found" if cfg.device == "auto" else "--device cpu"
-    return f"warning: {why}: training on {name}, slowly (estimate after the first steps); a quick check: --fast-dev-run"
+    return f"warning: {why}: training on {name} is slow; a quick check of everything: --fast-dev-run"
 
 
 def plural(n: int, word: str, suffix: str = "s") -> str:
@@ -84,7 +84,9 @@ def legend(tta: bool) -> str:
 
 
 def _short(x: float) -> str:
-    """1.0e-3 rather than 1.00e-03: the LR range must fit the line."""
+    """1e-3 rather than 1.00e-03, 0.13 rather than 1.3e-1: the LR range must fit the line."""
+    if 0.01 <= abs(x) < 100:
+        return f"{x:.2g}"
     mantissa, exponent = f"{x:.1e}".split("e")
     return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
@@ -104,24 +106,30 @@ def lr_text(lr: float, peak: float | None, end: float) -> str:
     return f"{_short(lr)}{middle}→{_short(end)}"
 
 
+def lr_width(cfg) -> int:
+    """The LR column's width for the run: start→end are at most 6 characters each (1.2e-3), and under a warm-up
+    the peak between them is --lr."""
+    return 6 + 1 + (len(_short(cfg.lr)) + 1 if cfg.warmup_epochs else 0) + 6
+
+
 def epoch_line(cfg, row: dict) -> str:
     """One line of fixed-width columns (aligned from epoch to epoch), at most 120 wide; notes go under it."""
     width = len(str(cfg.epochs))
     accs = [row["train_acc"], row["test_acc"]] + ([row["test_acc_tta"]] if row.get("test_acc_tta") is not None else [])
     acc = "/".join(f"{100 * a:5.2f}" for a in accs)
     ips = row["train_images_per_s"]
-    perf = f"{ips / 1000:5,.0f}k img/s" if ips >= 100_000 else f"{ips:6,.0f} img/s"
+    perf = f"{ips / 1000:4,.0f}k img/s" if ips >= 100_000 else f"{ips:5,.0f} img/s"
     if row.get("mfu") is not None:
         perf += f" MFU {100 * row['mfu']:.1f}%"
     elif row.get("achieved_tflops") is not None:
         perf += f" {row['achieved_tflops']:.1f} TFLOP/s"
     elif row.get("achieved_gflops") is not None:
         perf += f" {row['achieved_gflops']:.1f} GFLOP/s"
-    saved = f" +ckpt {_compact(row['checkpoint_time_s'])}" if row.get("checkpoint_time_s") else ""
+    saved = f" +{_compact(row['checkpoint_time_s'])}" if row.get("checkpoint_time_s") else ""
     lr = lr_text(row["lr"], row.get("lr_peak"), row["lr_end"])
     line = (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] "
             f"loss {_loss(row['train_loss'])}/{_loss(row['test_loss'])} acc {acc}% "
-            f"lr {lr:<{20 if cfg.warmup_epochs else 13}} | {_compact(row['epoch_time_s']):>5} s{saved:<11} | {perf}")
+            f"lr {lr:<{lr_width(cfg)}} | {_compact(row['epoch_time_s']):>5} s{saved:<6} | {perf}")
     notes = []
     if row.get("compile_s"):
         notes.append(f"this epoch includes {row['compile_s']:.1f} s of compilation and graph capture")

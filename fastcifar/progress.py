@@ -71,9 +71,8 @@ class EpochProgress:
 
     def _read_loss(self) -> bool:
         """True once the running loss on the host is current as of a step at or after the request."""
-        running = self.s.step_losses[:self.step].mean()
         if not self.cuda:
-            self.loss = float(running)  # the CPU computed it already: no sync to speak of
+            self.loss = float(self.s.step_losses[:self.step].mean())  # the CPU has computed it: nothing to wait for
             return True
         if self._pending is not None:
             host, event = self._pending
@@ -82,7 +81,7 @@ class EpochProgress:
             self.loss, self._pending = float(host), None
             return True
         host = torch.empty((), pin_memory=True)
-        host.copy_(running, non_blocking=True)
+        host.copy_(self.s.step_losses[:self.step].mean(), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending = (host, event)
@@ -106,11 +105,10 @@ class EpochProgress:
         left = (self.steps - self.step) * self.step_s + epoch_eval + \
             (self.end_epoch - self.epoch - 1) * (epoch_train + epoch_eval)
         epochs = self.end_epoch - self.epoch
-        self.write(f"estimate: {self.step_s:.3g} s/step over {self.step - first} timed "
-                   f"step{'s' if self.step - first > 1 else ''} → "
+        self.write(f"estimate: {self.step_s:.3g} s/step ({self.step - first} timed) → "
                    f"{duration(epoch_train + epoch_eval)} per epoch ({duration(epoch_train)} training + "
-                   f"~{duration(epoch_eval)} evaluation by FLOPs); ~{duration(left)} more for this run "
-                   f"({epochs} epoch{'s' if epochs > 1 else ''})")
+                   f"~{duration(epoch_eval)} eval by FLOPs); ~{duration(left)} for the {epochs} epoch"
+                   f"{'s' if epochs > 1 else ''} to go")
 
     def _line(self, now: float) -> str:
         first, since = self._rate_from
