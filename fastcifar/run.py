@@ -323,7 +323,8 @@ class TrainingRun:
         # evaluation's share of a training step, by FLOPs: forward only, twice under flip TTA
         eval_flops = flops.forward_flops_per_image(num_classes=len(self.dataset.classes)) * \
             (2 if self.cfg.tta == "flip" else 1) * s.eval_loader.num_images
-        return EpochProgress(s, epoch=epoch, end_epoch=self.loop_end, bar=bar, interval=self.cfg.log_interval,
+        interval = math.inf if self.cfg.progress == "off" else self.cfg.log_interval  # off: epoch lines only
+        return EpochProgress(s, epoch=epoch, end_epoch=self.loop_end, bar=bar, interval=interval,
                              eval_per_step=eval_flops / (self.flops_per_image * self.cfg.batch_size),
                              last_eval_s=self.last_eval_s, estimate=epoch == self.start_epoch)
 

@@ -95,3 +95,34 @@ def test_one_step_is_said_in_the_singular_and_a_finished_run_leaves_no_lock(tmp_
     assert "(1 step of 8;" in result.stdout
     assert not (tmp_path / "r" / ".lock").exists()
     assert (tmp_path / "r" / "summary.json").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA only: the asynchronous loss copy")
+def test_progress_lines_add_no_host_sync_to_the_step_loop_on_cuda():
+    import torch
+
+    from fastcifar.config import build_config, resolve
+    from fastcifar.data.cifar import load_dataset
+    from fastcifar.distributed import DistInfo
+    from fastcifar.progress import EpochProgress
+    from fastcifar.train import build_session
+
+    cfg = build_config(dataset="synthetic", synthetic_size=512, batch_size=32, epochs=1, wandb="off", monitor=False,
+                       device="cuda", compile="off", cuda_graphs="off")
+    ds = load_dataset(cfg.dataset, synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+    s = build_session(cfg, DistInfo(), ds, resolve(cfg), notice=lambda text: None)
+    lines = []
+    progress = EpochProgress(s, epoch=0, end_epoch=1, interval=0.0, write=lambda text, flush: lines.append(text))
+    s.model.train()
+    s.train_loader.set_epoch(0)
+    s.step_index.zero_()
+    for images, labels in s.train_loader:
+        s.stepper(images, labels, False)
+        torch.cuda.set_sync_debug_mode("error")  # any implicit sync inside update() raises
+        try:
+            progress.update(len(labels))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    progress.update(0)  # the last copy has landed: its line is written
+    assert lines and all(re.match(r"  epoch 0 step \d+/16 loss \d\.\d{4} lr ", line) for line in lines), lines
