@@ -24,8 +24,8 @@ from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
 # Flags that may change when a run is resumed; everything else comes from the run's config.json.
 # --epochs extends (or shortens) the schedule: see run.py and the README.
-RESUMABLE = {"progress", "log_interval", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download", "epochs",
-             "save_every", "target_acc", "peak_tflops"}
+RESUMABLE = {"progress", "log_interval", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download",
+             "epochs", "save_every", "target_acc", "peak_tflops"}
 
 
 def _int_list(text: str) -> list[int]:

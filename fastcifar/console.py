@@ -97,7 +97,8 @@ def _compact(seconds: float) -> str:
 
 def _loss(x: float) -> str:
     """Six characters whatever the size (2.4750, 12.346, 123.46), so the columns stay put from epoch to epoch."""
-    return f"{x:6.4f}" if abs(x) < 10 else f"{x:6.3f}" if abs(x) < 100 else f"{x:6.2f}" if abs(x) < 1000 else f"{x:6.0f}"
+    digits = 4 if abs(x) < 10 else 3 if abs(x) < 100 else 2 if abs(x) < 1000 else 0
+    return f"{x:6.{digits}f}"
 
 
 def lr_text(lr: float, peak: float | None, end: float) -> str:

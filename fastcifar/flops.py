@@ -324,7 +324,8 @@ def device_name(device, world_size: int = 1) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
+        threads = torch.get_num_threads()
+        name = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''})"
     return f"{name} x {world_size}" if world_size > 1 else name
 
 

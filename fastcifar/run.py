@@ -357,7 +357,8 @@ class TrainingRun:
         lr_start, lr_end, lr_peak = lrs[0], lrs[-1], max(lrs)
         ips = train["train_images"] / train_s
         row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_acc", "train_images")},
-               **{k: v for k, v in test.items() if k != "compile_s"}, "lr": lr_start, "lr_end": lr_end, "lr_peak": lr_peak,
+               **{k: v for k, v in test.items() if k != "compile_s"}, "lr": lr_start, "lr_end": lr_end,
+               "lr_peak": lr_peak,
                "train_time_s": train_s, "eval_time_s": eval_s, "epoch_time_s": train_s + eval_s,
                "compile_s": compile_s, "elapsed_train_s": self.timing.train_s, "elapsed_s": self._wall(),
                "train_images_per_s": ips,

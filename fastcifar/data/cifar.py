@@ -242,6 +242,7 @@ def take_subsets(ds: Dataset, train_subset: int | None, test_subset: int | None,
         idx = balanced_subset(ds.test_labels, test_subset, seed + 1)
         ds.test_images, ds.test_labels = ds.test_images[idx], ds.test_labels[idx]
     if train_subset or test_subset:
-        parts = [f"{len(ds.train_labels)} train"] * bool(train_subset) + [f"{len(ds.test_labels)} test"] * bool(test_subset)
+        parts = [f"{len(ds.train_labels)} train"] * bool(train_subset)
+        parts += [f"{len(ds.test_labels)} test"] * bool(test_subset)
         ds.description += f", subset {' / '.join(parts)}"
     return ds
