@@ -105,10 +105,10 @@ class EpochProgress:
         left = (self.steps - self.step) * self.step_s + epoch_eval + \
             (self.end_epoch - self.epoch - 1) * (epoch_train + epoch_eval)
         epochs = self.end_epoch - self.epoch
-        self.write(f"estimate: {self.step_s:.3g} s/step ({self.step - first} timed) → "
-                   f"{duration(epoch_train + epoch_eval)} per epoch ({duration(epoch_train)} training + "
-                   f"~{duration(epoch_eval)} eval by FLOPs); ~{duration(left)} for the {epochs} epoch"
-                   f"{'s' if epochs > 1 else ''} to go")
+        timed = self.step - first
+        self.write(f"estimate from {timed} step{'s' if timed > 1 else ''}: {self.step_s:.3g} s/step; epoch "
+                   f"~{duration(epoch_train)} + ~{duration(epoch_eval)} eval (by FLOPs); run ~{duration(left)} "
+                   f"({epochs} epoch{'s' if epochs > 1 else ''} left)")
 
     def _line(self, now: float) -> str:
         first, since = self._rate_from
