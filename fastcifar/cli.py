@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
 from fastcifar import FastCifarError, __version__
 from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, RECIPES, RESUMABLE, TTA_MODES,
-                              WANDB_MODES, TrainConfig, build_config, expand_path)
+                              WANDB_MODES, TrainConfig, build_config, config_yaml, expand_path, read_config_file,
+                              recipe_warmup)
 from fastcifar.console import surviving_output
 from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
@@ -131,8 +134,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb", choices=WANDB_MODES, help="auto: online with an API key, offline otherwise")
     g.add_argument("--wandb-project", help=f"default {d.wandb_project}")
     g.add_argument("--progress", choices=AUTO_ON_OFF, help="auto: a live bar on a terminal, plain lines otherwise")
+    g.add_argument("--log-interval", type=float, metavar="SECONDS",
+                   help="without a terminal (nohup, Slurm, CI): a progress line with loss, LR, images/s and time "
+                        f"left every SECONDS inside an epoch (0: every step); default {d.log_interval:g}")
     g.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the PNGs at the end")
     g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE", help="read flags from a YAML or JSON file (or a run's config.json, to "
+                                                    "repeat it); flags on the command line override it")
+    g.add_argument("--print-config", action="store_true", help="print the whole configuration as YAML (a file "
+                                                                "--config reads back) and exit")
     g.add_argument("--run-dir", help="default runs/<timestamp>-<recipe>; must not hold another run")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt (or the group "
                                                        "of seeds in RUN_DIR: its unfinished seeds)")
@@ -154,6 +164,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"record torch.profiler over STEPS training steps after the warm-up (default "
                         f"{DEFAULT_PROFILE_STEPS}) into RUN_DIR/profile/: a trace for Perfetto, chrome://tracing or "
                         f"TensorBoard, and profile.txt (top kernels, host and device time per step)")
+    g = p.add_argument_group("quick checks (seconds: every part of a run, no meaningful numbers)")
+    g.add_argument("--limit-steps", type=int, metavar="N",
+                   help="train only the first N steps of each epoch and evaluate only N batches")
+    g.add_argument("--fast-dev-run", action="store_true",
+                   help="a whole run in seconds: --limit-steps 2 --epochs 2 --wandb off unless given otherwise; "
+                        "trains, evaluates, saves, resumes and draws as a full run does")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -212,21 +228,50 @@ def run_train(args: argparse.Namespace) -> int:
 
     # a flag given as `auto` counts as given (on resume it replaces the run's value) and means None (automatic)
     given = {k: None if v == AUTO else v for k, v in vars(args).items() if k in TRAIN_KEYS and v is not None}
+    if args.fast_dev_run:
+        given = {"limit_steps": 2, "epochs": 2, "wandb": "off", **given}
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise FastCifarError(f"--stop-after-epoch must be a positive whole number, got {args.stop_after_epoch}")
     resume = expand_path(args.resume)
+    if resume and args.config:
+        raise FastCifarError("--resume continues a run with its own config.json; --config starts a new run: pick one.")
+    recipe, given = _with_config_file(args, given)
+    if args.print_config and not resume:
+        print(config_yaml(build_config(recipe or "worksheet", **given)), end="")
+        return 0
     if args.seeds is not None or (resume and _is_group(resume)):
-        return _run_group(args, given, resume)
+        return _run_group(args, given, resume, recipe)
     if resume and args.init_from:
         raise FastCifarError("--resume continues a run with its own weights; --init-from starts a new one: pick one.")
     if args.resume_if_exists and (resume or not args.run_dir):
         raise FastCifarError("--resume-if-exists needs --run-dir (the folder a restarted command continues in) and "
                              "no --resume.")
-    cfg = _resumed_config(resume, given, args.recipe) if resume else build_config(args.recipe or "worksheet", **given)
+    cfg = _resumed_config(resume, given, recipe) if resume else build_config(recipe or "worksheet", **given)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
     summary = fit(cfg, resume_dir=resume, init_from=cfg.init_from if not resume else None,
                   stop_after_epoch=args.stop_after_epoch, profile=args.profile,
                   resume_if_exists=args.resume_if_exists)
     return summary.get("exit_code", 0) if summary else 0
+
+
+def _with_config_file(args: argparse.Namespace, given: dict) -> tuple[str | None, dict]:
+    """--config FILE under the flags: the recipe it names (flags first) and the flags it sets that were not given."""
+    if not args.config:
+        return args.recipe, given
+    from_file, note = read_config_file(expand_path(args.config))
+    recipe = args.recipe or from_file.pop("recipe", None) or "worksheet"
+    from_file.pop("recipe", None)
+    if recipe not in RECIPES:
+        raise FastCifarError(f"--config {args.config}: unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
+    # a file's warm-up that is its recipe's share follows --epochs on the command line, as the recipe's own does
+    if "epochs" in given and "warmup_epochs" not in given and from_file.get("warmup_epochs") == \
+            recipe_warmup(recipe, from_file.get("epochs") or RECIPES[recipe].get("epochs", TrainConfig.epochs)):
+        from_file.pop("warmup_epochs")
+    if note and not args.print_config and os.environ.get("RANK", "0") == "0":
+        print(note)
+    return recipe, {**{k: v for k, v in from_file.items() if v is not None}, **given}
 
 
 def _is_group(path: str) -> bool:
@@ -235,7 +280,7 @@ def _is_group(path: str) -> bool:
     return is_group(path)
 
 
-def _run_group(args: argparse.Namespace, given: dict, resume: str | None) -> int:
+def _run_group(args: argparse.Namespace, given: dict, resume: str | None, recipe: str | None) -> int:
     """--seeds, or --resume of a group: seeds.py."""
     from fastcifar.seeds import fit_group, parse_seeds, resumed_group, start_group
     from fastcifar.tracking import default_run_dir
@@ -250,9 +295,9 @@ def _run_group(args: argparse.Namespace, given: dict, resume: str | None) -> int
             raise FastCifarError(f"--resume {resume} continues the group's own seeds: leave out --seeds."
                                  if _is_group(resume) else "--seeds starts a new group of runs and --resume "
                                  "continues one: pick one.")
-        group = resumed_group(Path(resume), given, args.recipe)
+        group = resumed_group(Path(resume), given, recipe)
     else:
-        cfg = build_config(args.recipe or "worksheet", **given)
+        cfg = build_config(recipe or "worksheet", **given)
         group = start_group(cfg, parse_seeds(args.seeds), Path(cfg.run_dir or default_run_dir(cfg.recipe)))
     return fit_group(group).get("exit_code", 0)
 
@@ -260,7 +305,11 @@ def _run_group(args: argparse.Namespace, given: dict, resume: str | None) -> int
 def run_eval(args: argparse.Namespace) -> int:
     from fastcifar.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(expand_path(args.checkpoint), tta=args.tta, data_dir=expand_path(args.data_dir),
+    checkpoint = expand_path(args.checkpoint)
+    if Path(checkpoint).is_dir():
+        raise FastCifarError(f"{checkpoint} is a run directory; evaluate a checkpoint in it: "
+                             f"{Path(checkpoint) / 'best.pt'} (the best epoch) or {Path(checkpoint) / 'last.pt'}")
+    result = evaluate_checkpoint(checkpoint, tta=args.tta, data_dir=expand_path(args.data_dir),
                                  download=args.download, test_subset=args.test_subset, device=args.device,
                                  batch_size=args.batch_size)
     if args.json:
@@ -341,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
         # One line per warning (e.g. the md5 notice), without the source line that Python would print under it.
-        warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+        warnings.formatwarning = lambda msg, cat, *a, **k: textwrap.fill(f"warning: {msg}", 120,
+                                                                         subsequent_indent="    ") + "\n"
         try:
             return args.func(args)
         except FastCifarError as exc:

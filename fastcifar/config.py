@@ -88,7 +88,9 @@ class TrainConfig:
     wandb_project: str = "fastcifar"
     peak_tflops: float | None = None
     progress: str = "auto"  # auto: a live bar on a terminal, plain lines otherwise
+    log_interval: float = 30.0  # off a terminal: a progress line inside an epoch every this many seconds
     report: bool = True  # draw the PNGs at the end of training
+    limit_steps: int | None = None  # a quick check: only the first N training steps and N eval batches per epoch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,8 +109,8 @@ PATH_FIELDS = ("data_dir", "run_dir", "init_from")
 
 # Flags that may change when a run is resumed; everything else comes from the run's config.json.
 # --epochs extends (or shortens) the schedule: see run.py and the README.
-RESUMABLE = {"progress", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download", "epochs",
-             "save_every", "target_acc", "peak_tflops", "dist_timeout"}
+RESUMABLE = {"progress", "log_interval", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download",
+             "epochs", "save_every", "target_acc", "peak_tflops", "dist_timeout"}
 
 
 def differing_flags(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -127,10 +129,96 @@ def expand_path(path: str | None) -> str | None:
     return os.path.expandvars(os.path.expanduser(path)) if path else path
 
 
+def read_config_file(path: str) -> tuple[dict, str | None]:
+    """`--config FILE`: a YAML or JSON mapping of flags (dashes or underscores), or a run's own config.json, whose
+    "config" is taken and whose run_dir is dropped (the repeat gets a folder of its own). Returns the values, typed
+    as the flags are, and a note saying what was dropped (or None)."""
+    import json
+
+    import yaml
+
+    try:
+        text = open(path, encoding="utf-8").read()
+        try:
+            data = json.loads(text)  # a run's config.json: JSON's 1e-07 is a number, PyYAML's a string
+        except ValueError:
+            data = yaml.safe_load(text)
+    except OSError as exc:
+        raise FastCifarError(f"cannot read --config {path} ({exc.strerror or exc}).") from None
+    except (ValueError, yaml.YAMLError) as exc:
+        raise FastCifarError(f"--config {path} is neither valid YAML nor JSON ({str(exc).splitlines()[0]}).") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise FastCifarError(f"--config {path} must be a mapping of flag: value, got a {type(data).__name__}.")
+    note = None
+    if isinstance(data.get("config"), dict) and "resolved" in data:  # a run directory's config.json
+        data = dict(data["config"])
+        if data.pop("run_dir", None):
+            note = f"note: --config {path} is a run's config: the new run gets its own --run-dir"
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(k for k in values if k not in fields)
+    if unknown:
+        raise FastCifarError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; the settings are the "
+                             f"flags of `fastcifar train --help` (see `fastcifar train --print-config`).")
+    return {k: _typed(path, k, v, str(fields[k].type)) for k, v in values.items()}, note
+
+
+def _typed(path: str, key: str, value, annotation: str):
+    """A file's value as the flag's type. PyYAML reads `1e-3` as a string (YAML 1.1): numbers in text are accepted."""
+    if value is None:
+        if "None" in annotation:
+            return None
+    elif annotation.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif annotation.startswith("list[int]"):
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            if isinstance(items, list):
+                return [int(x) for x in items if str(x).strip()]
+        except (TypeError, ValueError):
+            pass
+    elif annotation.startswith(("int", "float")):
+        kind = int if annotation.startswith("int") else float
+        if not isinstance(value, bool):
+            try:
+                number = kind(value)
+                if kind is float or number == float(value):
+                    return number
+            except (TypeError, ValueError):
+                pass
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise FastCifarError(f"--config {path}: {key} must be {_TYPE_WORDS.get(annotation.split(' ')[0], annotation)}"
+                         f"{' or null' if 'None' in annotation else ''}, got {value!r}")
+
+
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+               "list[int]": "a list of whole numbers"}
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """The whole configuration as a YAML file that `--config` reads back to the same run."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def recipe_warmup(recipe: str, epochs: int) -> float:
+    """A recipe's warm-up is a share of its run: the fast recipe's 2 of 15 epochs become 0.27 of --epochs 2."""
+    r = RECIPES[recipe]
+    warmup = r.get("warmup_epochs", TrainConfig.warmup_epochs)
+    return warmup * epochs / r.get("epochs", TrainConfig.epochs) if warmup else warmup
+
+
 def build_config(recipe: str = "worksheet", **overrides) -> TrainConfig:
     if recipe not in RECIPES:
         raise FastCifarError(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
-    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**RECIPES[recipe], **given}
+    if "warmup_epochs" not in given:
+        values["warmup_epochs"] = recipe_warmup(recipe, values.get("epochs", TrainConfig.epochs))
     values.update({k: expand_path(values[k]) for k in PATH_FIELDS if values.get(k)})
     cfg = TrainConfig(recipe=recipe, **values)
     validate(cfg)
@@ -173,6 +261,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.grad_low >= 0 and cfg.grad_high > cfg.grad_low,
          f"--grad-low/--grad-high must satisfy 0 <= low < high, got {cfg.grad_low}, {cfg.grad_high}")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be a positive number of seconds, got {cfg.dist_timeout}")
+    need(cfg.log_interval >= 0, f"--log-interval must be zero (every step) or positive seconds, got {cfg.log_interval}")
+    need(cfg.limit_steps is None or cfg.limit_steps >= 1, f"--limit-steps must be positive, got {cfg.limit_steps}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, f"--peak-tflops must be positive, got {cfg.peak_tflops}")
     for name, value, choices in [("optimizer", cfg.optimizer, OPTIMIZERS), ("scheduler", cfg.scheduler, SCHEDULES),
                                  ("dataset", cfg.dataset, DATASETS), ("loader", cfg.loader, LOADERS),
@@ -253,6 +343,12 @@ def resolve(cfg: TrainConfig, local_rank: int = 0, world_size: int = 1) -> Resol
             graphs = False
             if cfg.cuda_graphs == "on":
                 notices.append(f"note: CUDA graphs off: {reason}")
+    recipe = RECIPES.get(cfg.recipe, {})
+    if recipe.get("warmup_epochs") and cfg.epochs != recipe.get("epochs") and \
+            cfg.warmup_epochs == recipe_warmup(cfg.recipe, cfg.epochs):
+        notices.append(f"note: the {cfg.recipe} recipe warms up for {recipe['warmup_epochs']:g} of its "
+                       f"{recipe['epochs']} epochs; for --epochs {cfg.epochs} that is {cfg.warmup_epochs:.3g} "
+                       f"(--warmup-epochs sets it)")
     loader, notice = resolve_loader(cfg.loader, device)
     if notice and cfg.loader == "auto":
         notices.append(notice)

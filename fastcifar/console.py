@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch-free at import: the CLI guards its output with this module before any command runs
@@ -32,21 +33,34 @@ def make_progress(cfg, info: dist.DistInfo, total_images: int, epoch: int):
 
 
 def header(cfg, ds, *, run_dir, steps: int, trained_images: int, world_size: int, notices: list[str],
-           resolved: dict, active: str, start: str | None) -> str:
-    """What a run prints before its first epoch: where it writes, what it trains on and how many images an epoch
-    really trains on (the last partial batch is dropped), the whole config and what auto became, the columns."""
+           resolved: dict, active: str, start: str | None, device: str | None = None) -> str:
+    """What a run prints before its first epoch: where it writes, on what device, what it trains on and how many
+    images an epoch really trains on (the last partial batch is dropped), the settings that differ from the
+    recipe (config.json has them all), what auto became, the columns."""
     from fastcifar import __version__
+    from fastcifar.config import build_config
 
     total = len(ds.train_labels)
     dropped = total - trained_images
-    lines = [f"fastcifar {__version__} — run directory {run_dir}", f"data: {ds.description}",
-             f"training on {trained_images:,} of {total:,} images per epoch ({steps} steps of {cfg.batch_size}"
-             + (f" x {world_size} processes" if world_size > 1 else "")
-             + (f"; the last {dropped} are dropped: only full batches, so shapes stay static)" if dropped else ")")]
-    if dropped > DROP_WARNING * total:
-        lines.append(f"warning: {dropped / total:.1%} of the training set is dropped every epoch: pick --batch-size "
-                     f"or --train-subset so that one divides the other more closely")
-    lines += [*notices, wrapped("config", cfg.to_dict()), wrapped("resolved", resolved), f"active: {active}"]
+    lines = [f"fastcifar {__version__} — run directory {run_dir}"] + ([device] if device else [])
+    lines.append(textwrap.fill(f"data: {ds.description}", WIDTH, subsequent_indent="    "))
+    if cfg.limit_steps:
+        lines.append(f"quick check (--limit-steps {cfg.limit_steps}): {plural(steps, 'step')} of {cfg.batch_size} "
+                     f"and at most {plural(cfg.limit_steps, 'evaluation batch', 'es')} per epoch; numbers mean nothing")
+    else:
+        lines.append(f"training on {trained_images:,} of {total:,} images per epoch ({plural(steps, 'step')} of "
+                     f"{cfg.batch_size}" + (f" x {world_size} processes" if world_size > 1 else "")
+                     + (f"; the last {dropped} are dropped: only full batches, so shapes stay static)" if dropped
+                        else ")"))
+        if dropped > DROP_WARNING * total:
+            lines.append(f"warning: {dropped / total:.1%} of the training set is dropped every epoch: pick "
+                         f"--batch-size or --train-subset so that one divides the other more closely")
+    recipe = build_config(cfg.recipe).to_dict()
+    changed = {k: "auto" if v is None else f"{v:.4g}" if isinstance(v, float) else v
+               for k, v in cfg.to_dict().items() if k not in ("recipe", "run_dir") and v != recipe.get(k)}
+    lines += [*notices, wrapped(f"config: recipe {cfg.recipe}" + (", with" if changed else ""), changed,
+                                f"(all settings: {Path(run_dir) / 'config.json'})"), wrapped("resolved:", resolved),
+              f"active: {active}"]
     lines += [start] if start else []
     lines.append(legend(cfg.tta == "flip"))
     if getattr(cfg, "val_split", 0):
@@ -55,19 +69,33 @@ def header(cfg, ds, *, run_dir, steps: int, trained_images: int, world_size: int
     return "\n".join(lines)
 
 
-def wrapped(label: str, items: dict) -> str:
-    return textwrap.fill(f"{label}: " + " ".join(f"{k}={v}" for k, v in items.items()), width=WIDTH - 2,
+def device_line(cfg, device, name: str) -> str:
+    """Lightning's "GPU available: False", said where it matters: a CPU run of the full set takes hours."""
+    if device.type == "cuda":
+        return f"device: {name} ({device})"
+    why = "no GPU found" if cfg.device == "auto" else "--device cpu"
+    return f"warning: {why}: training on {name} is slow; a quick check of everything: --fast-dev-run"
+
+
+def plural(n: int, word: str, suffix: str = "s") -> str:
+    return f"{n:,} {word}{'' if n == 1 else suffix}"
+
+
+def wrapped(label: str, items: dict, tail: str = "") -> str:
+    return textwrap.fill(" ".join([label] + [f"{k}={v}" for k, v in items.items()] + [tail] * bool(tail)), width=WIDTH,
                          subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
 
 
 def legend(tta: bool) -> str:
-    acc = "train/test/test-with-flip-TTA" if tta else "train/test"
-    return (f"columns: loss train/test | acc {acc} | lr over the epoch | epoch wall time (+ checkpoint save) | "
+    acc = "train/test/flip-TTA" if tta else "train/test"
+    return (f"columns: loss train/test | acc {acc} % | lr start(→peak)→end | epoch s (+checkpoint s) | "
             f"training images/s")
 
 
 def _short(x: float) -> str:
-    """1.0e-3 rather than 1.00e-03: the LR range must fit the line."""
+    """1e-3 rather than 1.00e-03, 0.13 rather than 1.3e-1: the LR range must fit the line."""
+    if 0.01 <= abs(x) < 100:
+        return f"{x:.2g}"
     mantissa, exponent = f"{x:.1e}".split("e")
     return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
@@ -76,24 +104,44 @@ def _compact(seconds: float) -> str:
     return f"{seconds:.2f}" if seconds < 10 else f"{seconds:.1f}" if seconds < 100 else f"{seconds:.0f}"
 
 
+def _loss(x: float) -> str:
+    """Six characters whatever the size (2.4750, 12.346, 123.46), so the columns stay put from epoch to epoch."""
+    digits = 4 if abs(x) < 10 else 3 if abs(x) < 100 else 2 if abs(x) < 1000 else 0
+    return f"{x:6.{digits}f}"
+
+
+def lr_text(lr: float, peak: float | None, end: float) -> str:
+    """start→end, with the peak between them when the epoch's LR rose above both (a warm-up epoch)."""
+    middle = f"→{_short(peak)}" if peak is not None and peak > max(lr, end) * (1 + 1e-9) else ""
+    return f"{_short(lr)}{middle}→{_short(end)}"
+
+
+def lr_width(cfg) -> int:
+    """The LR column's width for the run: start→end are at most 6 characters each (1.2e-3), and under a warm-up
+    the peak between them is --lr."""
+    return 6 + 1 + (len(_short(cfg.lr)) + 1 if cfg.warmup_epochs else 0) + 6
+
+
 def epoch_line(cfg, row: dict) -> str:
+    """One line of fixed-width columns (aligned from epoch to epoch), at most 120 wide; notes go under it."""
     width = len(str(cfg.epochs))
     accs = [row["train_acc"], row["test_acc"]] + ([row["test_acc_tta"]] if row.get("test_acc_tta") is not None else [])
-    acc = "/".join(f"{100 * a:.1f}" if len(accs) > 2 else f"{100 * a:.2f}" for a in accs)
+    acc = "/".join(f"{100 * a:5.2f}" for a in accs)
     if row.get("val_acc") is not None:  # --val-split: the headline validation accuracy
-        acc += f"% val {100 * row.get('val_acc_tta', row['val_acc']):.1f}"
+        acc += f"% val {100 * row.get('val_acc_tta', row['val_acc']):5.2f}"
     ips = row["train_images_per_s"]
-    perf = f"{ips / 1000:,.0f}k img/s" if ips >= 100_000 else f"{ips:,.0f} img/s"
+    perf = f"{ips / 1000:4,.0f}k img/s" if ips >= 100_000 else f"{ips:5,.0f} img/s"
     if row.get("mfu") is not None:
         perf += f" MFU {100 * row['mfu']:.1f}%"
     elif row.get("achieved_tflops") is not None:
         perf += f" {row['achieved_tflops']:.1f} TFLOP/s"
     elif row.get("achieved_gflops") is not None:
         perf += f" {row['achieved_gflops']:.1f} GFLOP/s"
-    saved = f" +ckpt {_compact(row['checkpoint_time_s'])}" if row.get("checkpoint_time_s") else ""
+    saved = f" +{_compact(row['checkpoint_time_s'])}" if row.get("checkpoint_time_s") else ""
+    lr = lr_text(row["lr"], row.get("lr_peak"), row["lr_end"])
     line = (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] "
-            f"loss {row['train_loss']:.4g}/{row['test_loss']:.4g} acc {acc}% "
-            f"lr {_short(row['lr'])}→{_short(row['lr_end'])} | {_compact(row['epoch_time_s'])} s{saved} | {perf}")
+            f"loss {_loss(row['train_loss'])}/{_loss(row['test_loss'])} acc {acc}% "
+            f"lr {lr:<{lr_width(cfg)}} | {_compact(row['epoch_time_s']):>5} s{saved:<6} | {perf}")
     notes = []
     if row.get("compile_s"):
         notes.append(f"this epoch includes {row['compile_s']:.1f} s of compilation and graph capture")

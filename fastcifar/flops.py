@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -323,7 +324,8 @@ def device_name(device, world_size: int = 1) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        name = f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''})"
     return f"{name} x {world_size}" if world_size > 1 else name
 
 
@@ -388,24 +390,22 @@ def to_json(r: Report) -> dict:
 
 def format_table(r: Report) -> str:
     b = r.batch_size
-    cols = ("MACs", "BN", "pool", "add")
-    kind_col = {"conv": "MACs", "linear": "MACs", "bn": "BN", "pool": "pool", "add": "add"}
-    head = f"{'layer':<24} {'type':<18} {'output':<12} {'params':>10} " + " ".join(f"{c:>13}" for c in cols)
-    head += f" {'fvcore':>13} {'difference':>11}"
-    lines = [f"ResNet-18, {r.stem} stem, {r.num_classes} classes, {r.input_size}x{r.input_size} input, batch "
-             f"{b}; counts per image; 1 MAC = 1 multiply + 1 add = 2 FLOPs; fvcore in eval mode", head,
-             "-" * len(head)]
-    for l in r.layers:
-        cells = " ".join(f"{l.hand // b:>13,}" if kind_col[l.kind] == c else f"{'':>13}" for c in cols)
+    unit = {"conv": "MACs", "linear": "MACs", "bn": "BN", "pool": "pool", "add": "add"}  # what the hand count counts
+    head = f"{'layer':<21} {'type':<17} {'output':<10} {'params':>10} {'hand count':>13} {'of':<5} {'fvcore':>13} " \
+           f"{'difference':>11}"
+    lines = [*textwrap.wrap(f"ResNet-18, {r.stem} stem, {r.num_classes} classes, {r.input_size}x{r.input_size} "
+                            f"input, batch {b}; counts per image; 1 MAC = 1 multiply + 1 add = 2 FLOPs; fvcore in "
+                            f"eval mode", 120), head, "-" * len(head)]
+    for l in r.layers:  # noqa: E741
         flag = "  MISMATCH" if l.kind in ("conv", "linear") and l.hand != l.fvcore else ""
         shape = "x".join(map(str, l.out_shape[1:]))
-        lines.append(f"{l.name:<24} {l.type:<18} {shape:<12} {l.params:>10,} {cells} {l.fvcore // b:>13,} "
-                     f"{(l.fvcore - l.hand) // b:>+11,}{flag}")
+        lines.append(f"{l.name:<21} {l.type:<17} {shape:<10} {l.params:>10,} {l.hand // b:>13,} {unit[l.kind]:<5} "
+                     f"{l.fvcore // b:>13,} {(l.fvcore - l.hand) // b:>+11,}{flag}")
     lines.append("-" * len(head))
     for kind in ("bn", "pool", "add"):
         if any(l.kind == kind for l in r.layers):
-            lines.append("note: " + CONVENTIONS[kind])
-    lines.append(_unsupported_line(r))
+            lines += textwrap.wrap("note: " + CONVENTIONS[kind], 120, subsequent_indent="    ")
+    lines += textwrap.wrap(_unsupported_line(r), 120, subsequent_indent="    ")
     p = _per_image(r)
     rows = [("parameters", r.params, r.params),
             ("conv+linear MACs (hand)", p["conv_linear_macs"], r.conv_linear_macs),
@@ -431,6 +431,6 @@ def run_flops(args: argparse.Namespace) -> int:
     print(json.dumps(to_json(r)) if args.json else format_table(r))
     if args.verify and not args.json:  # with --json the verdict is the "verified"/"mismatches" keys
         print(f"\nverify: FAILED, {len(r.mismatches)} disagreement(s):\n" + "\n".join(f"  {m}" for m in r.mismatches)
-              if r.mismatches else "\nverify: OK: hand counter == fvcore on every conv/linear layer, "
-              "and hand conv+linear MACs == FlopCounterMode forward FLOPs / 2")
+              if r.mismatches else "\nverify: OK: hand counter == fvcore on every conv/linear layer, and hand "
+              "conv+linear MACs ==\n    FlopCounterMode forward FLOPs / 2")
     return 1 if args.verify and r.mismatches else 0

@@ -17,6 +17,7 @@ import math
 import signal
 import statistics
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,10 +29,11 @@ from fastcifar import distributed as dist
 from fastcifar import flops
 from fastcifar.checkpoint import (Best, Timing, best_weights, check_compatible, load_checkpoint, restore,
                                   resume_state, save_checkpoint)
-from fastcifar.config import TrainConfig, differing_flags, resolve
-from fastcifar.console import epoch_line, header, make_progress, shell_command, summary_table
+from fastcifar.config import RECIPES, TrainConfig, differing_flags, resolve
+from fastcifar.console import WIDTH, device_line, epoch_line, header, make_progress, shell_command, summary_table
 from fastcifar.data.cifar import hold_out_validation, load_dataset
 from fastcifar.files import CannotWrite, NoSpace, refresh_umask, remove_stale_temp_files
+from fastcifar.progress import EpochProgress
 from fastcifar.signals import GracefulStop, RunInterrupted
 from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, selection_acc, summarise
 from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
@@ -39,6 +41,10 @@ from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, d
 if TYPE_CHECKING:
     from fastcifar.train import Session
 
+# A fresh optimizer at the recipe's full LR knocks a trained model back (measured: Adam 1e-3 took a 44.6 % model
+# to 22.4 % in its first epoch); a tenth of the LR with a short warm-up keeps what it learned.
+INIT_FROM_ADVICE = ("note: at the recipe's full LR the first epochs undo much of what those weights learned; to "
+                    "fine-tune, pass about a tenth of it (--lr) and --warmup-epochs 1")
 SAVE_SHARE = 0.05  # --save-every auto on CUDA: saving may cost at most this share of the training time
 
 
@@ -75,6 +81,7 @@ class TrainingRun:
         self.group: str | None = None  # the W&B group of a --seeds run (seeds.py)
         self.sink: MetricsSink | None = None
         self.started = time.perf_counter()
+        self.last_eval_s: float | None = None  # the last epoch's evaluation time: the progress lines' estimate
 
     # --- open: every check that can fail, nothing written ------------------------------------------------
     @classmethod
@@ -243,6 +250,8 @@ class TrainingRun:
         if steps == 0:
             raise FastCifarError(f"the training set has {n} images ({n // ws} per process), fewer than one batch "
                                  f"of {cfg.batch_size}: lower --batch-size or raise --train-subset.")
+        if cfg.limit_steps:
+            steps = min(steps, cfg.limit_steps)
         self.trained_images = steps * cfg.batch_size * ws
         self.res.eval_batch_size = max(1, min(self.res.eval_batch_size, -(-len(ds.test_labels) // ws)))
 
@@ -263,7 +272,6 @@ class TrainingRun:
         self.info.doing = "waiting for rank 0 to prepare the run directory"
         self._on_main(lambda: self._prepare_directory(s))
         if self.info.is_main:
-            self._header(s)
             previous = self.dir.read_json("config.json") if self.resume_state else {}
             self.tracker = WandbTracker(self.cfg.wandb, self.cfg.wandb_project, self.dir.path,
                                         {**self.cfg.to_dict(), "resolved": self.resolved}, self.dir.path.name,
@@ -274,6 +282,7 @@ class TrainingRun:
                                       "flops/forward_per_image": flops.forward_flops_per_image(
                                           num_classes=len(self.dataset.classes))})
             self.sink = MetricsSink(self.dir, self.tracker)
+            self._header(s)  # after W&B: its own lines come before the header, not between legend and epoch 0
         self.stop.install()
         s.stop_requested = self._abandon_now
         sys.stdout.flush()
@@ -382,11 +391,14 @@ class TrainingRun:
                      f"{'validation' if self.cfg.val_split else 'test'} acc so far {100 * self.best.acc:.2f}%)")
         elif self.init_state is not None:
             start = f"starting from the weights of {self.cfg.init_from} (optimizer, schedule and epochs start afresh)"
+            if self.cfg.lr >= RECIPES[self.cfg.recipe].get("lr", TrainConfig.lr):
+                start += "\n" + INIT_FROM_ADVICE
         else:
             start = None
         print(header(self.cfg, self.dataset, run_dir=self.dir.path, steps=len(s.train_loader),
                      trained_images=self.trained_images, world_size=self.info.world_size, notices=self.res.notices,
-                     resolved=self.resolved, active=f"{self.res.device.type} {self.active}", start=start))
+                     resolved=self.res.to_dict(), active=f"{self.res.device.type} {self.active}", start=start,
+                     device=device_line(self.cfg, self.res.device, self.device_name)))
 
     def notice(self, text: str) -> None:
         if self.info.is_main:
@@ -401,8 +413,18 @@ class TrainingRun:
     def clock(self) -> EpochClock:
         return EpochClock(self.session.sync)
 
-    def progress(self, epoch: int):
-        return make_progress(self.cfg, self.info, len(self.session.train_loader) * self.cfg.batch_size, epoch)
+    def progress(self, epoch: int) -> EpochProgress | None:
+        if not self.info.is_main:
+            return None
+        s = self.session
+        bar = make_progress(self.cfg, self.info, len(s.train_loader) * self.cfg.batch_size, epoch)
+        # evaluation's share of a training step, by FLOPs: forward only, twice under flip TTA
+        eval_flops = flops.forward_flops_per_image(num_classes=len(self.dataset.classes)) * \
+            (2 if self.cfg.tta == "flip" else 1) * s.eval_loader.num_images
+        interval = math.inf if self.cfg.progress == "off" else self.cfg.log_interval  # off: epoch lines only
+        return EpochProgress(s, epoch=epoch, end_epoch=self.loop_end, bar=bar, interval=interval,
+                             eval_per_step=eval_flops / (self.flops_per_image * self.cfg.batch_size),
+                             last_eval_s=self.last_eval_s, estimate=epoch == self.start_epoch)
 
     @property
     def stopped_by(self) -> str | None:
@@ -423,15 +445,18 @@ class TrainingRun:
         cfg = self.cfg
         self.last_finished = epoch
         train_s, eval_s = clock.laps["train"], clock.laps["eval"]
+        self.last_eval_s = eval_s - test["compile_s"]
         compile_s = train["compile_s"] + test["compile_s"]
         self.timing.train_s += train_s
         self.timing.compile_s += compile_s
         self.trained_since_save += train_s
         steps = len(s.train_loader)
-        lr_start, lr_end = s.schedule.lr_at([epoch * steps, (epoch + 1) * steps - 1])
+        lrs = s.schedule.lr_at(range(epoch * steps, (epoch + 1) * steps))  # host arithmetic, no sync
+        lr_start, lr_end, lr_peak = lrs[0], lrs[-1], max(lrs)
         ips = train["train_images"] / train_s
         row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_acc", "train_images")},
                **{k: v for k, v in test.items() if k != "compile_s"}, "lr": lr_start, "lr_end": lr_end,
+               "lr_peak": lr_peak,
                "train_time_s": train_s, "eval_time_s": eval_s, "epoch_time_s": train_s + eval_s,
                "compile_s": compile_s, "elapsed_train_s": self.timing.train_s, "elapsed_s": self._wall(),
                "train_images_per_s": ips,
@@ -530,7 +555,9 @@ class TrainingRun:
         self.sink.summary(summary)
         finished = summary["finished"]
         print()
-        print(f"{'Results' if finished else 'Stopped early: results so far'} — {self.dataset.description}")
+        quick = f" (quick check, --limit-steps {self.cfg.limit_steps})" if self.cfg.limit_steps else ""
+        print(textwrap.fill(f"{'Results' if finished else 'Stopped early: results so far'}{quick} — "
+                            f"{self.dataset.description}", WIDTH, subsequent_indent="    "))
         print(summary_table(summary))
         if summary.get("profile"):
             print(f"profile: {summary['profile']['table']} and {summary['profile']['trace']}")
@@ -538,15 +565,16 @@ class TrainingRun:
             print(f"target test accuracy {100 * self.cfg.target_acc:g}% reached at epoch {self.target_epoch}: "
                   f"stopped")
         if self.stopped_by:
-            print(f"stopped by {self.stopped_by}: epochs 0-{self.saved_through} are saved in "
-                  f"{self.dir.file('last.pt')}")
+            saved = "epoch 0 is" if self.saved_through == 0 else f"epochs 0-{self.saved_through} are"
+            print(f"stopped by {self.stopped_by}: {saved} saved in {self.dir.file('last.pt')}")
         if not finished and self.saved_through >= 0:
             print(f"continue with: {shell_command('fastcifar', 'train', '--resume', self.dir.path)}")
         if self.cfg.report:
             from fastcifar.report import make_report
 
             plots = make_report(self.dir.path)
-            print(f"plots: {', '.join(str(p) for p in plots)}")
+            if plots:
+                print(f"plots in {Path(plots[0]).parent}: {', '.join(Path(p).name for p in plots)}")
             self.tracker.log_images(plots)
         self.tracker.finish()
         if self.stopped_by:

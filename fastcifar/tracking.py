@@ -5,7 +5,7 @@ run: it never stops or slows training. With --wandb off the wandb package is nev
 
 A run directory belongs to one run: a fresh run refuses a folder that holds a saved epoch (or a finished run's
 record), and a run holds an exclusive lock (flock on RUN/.lock, naming its process) for its whole life, resume
-included. The kernel drops the lock when the process dies, however it dies, so a stale lock never blocks anything.
+included, and removes the file when it ends. The kernel drops the lock when the process dies, however it dies, so a stale lock never blocks anything.
 A folder whose run saved no epoch (killed, stopped or out of disk before its first checkpoint) holds nothing to
 lose: a fresh run restarts there, removing what the dead run left.
 """
@@ -134,16 +134,24 @@ class RunDir:
     def lock(self) -> None:
         """Hold RUN/.lock for the life of this process; a second process is told who holds it."""
         path = self.file(".lock")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            raise FastCifarError(f"cannot lock run directory {self.path} ({exc.strerror or exc}).") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            message = self._in_use(fd)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as exc:
+                raise FastCifarError(f"cannot lock run directory {self.path} ({exc.strerror or exc}).") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                message = self._in_use(fd)
+                os.close(fd)
+                raise FastCifarError(message) from None
+            # The holder removes the file when it ends (unlock): a lock taken on the removed file is no lock.
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise FastCifarError(message) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"fastcifar pid {os.getpid()} on {socket.gethostname()} since "
                       f"{datetime.now().isoformat(timespec='seconds')}\n".encode(), 0)
@@ -151,7 +159,9 @@ class RunDir:
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # the kernel releases the flock; the file stays (deleting it would race)
+            # removed while still held, so no stale .lock names a finished process; lock() retries on a removed file
+            self.file(".lock").unlink(missing_ok=True)
+            os.close(self._lock_fd)
             self._lock_fd = None
 
     def write_json(self, name: str, obj) -> None:
@@ -279,16 +289,32 @@ class WandbTracker:
             return
         if mode == "auto":
             mode = "online" if _wandb_has_api_key() else "offline"
-        self.mode = mode
+        elif mode == "online" and not _wandb_has_api_key():
+            # offline rather than off: the run's data is kept and can reach W&B later with `wandb sync`
+            print("note: --wandb online, but no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; the "
+                  "end of the run prints the `wandb sync` command that uploads it.", file=sys.stderr)
+            mode = "offline"
+        self.mode, self.run_dir = mode, Path(run_dir)
         self._wandb = wandb
-        try:
+
+        def init(mode):
             # quiet: no end-of-run history dump burying fastcifar's own results table
             self.run = wandb.init(project=project, name=name, config=config, dir=str(run_dir), mode=mode, group=group,
                                   id=resume_id, resume="allow" if resume_id else None,
                                   settings=wandb.Settings(quiet=True))
             self._define_metrics()
+
+        try:
+            init(mode)
         except Exception as exc:
-            self._fail(exc)
+            if mode != "online":
+                return self._fail(exc)
+            print(f"note: W&B online failed ({type(exc).__name__}: {exc}); logging offline instead.", file=sys.stderr)
+            self.mode = "offline"
+            try:
+                init("offline")
+            except Exception as exc:
+                self._fail(exc)
 
     @property
     def run_id(self) -> str | None:
@@ -351,8 +377,12 @@ class WandbTracker:
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
+        files = getattr(self.run, "dir", None)  # RUN/wandb/offline-run-<time>-<id>/files
         try:
             self.run.finish(exit_code=exit_code)
         except Exception as exc:
             self._fail(exc)
         self.run = None
+        if self.mode == "offline":
+            where = Path(files).parent if files else self.run_dir / "wandb" / "offline-run-*"
+            print(f"W&B: logged offline; upload with: wandb sync {where}")

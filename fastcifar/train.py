@@ -23,7 +23,7 @@ from fastcifar.cuda_graphs import EagerStep, GraphedStep
 from fastcifar.data.augment import parse_augment
 from fastcifar.data.cifar import Dataset
 from fastcifar.data.loaders import make_eval_loader, make_train_loader
-from fastcifar.data.plan import IGNORE_LABEL, EvalLoader, TrainLoader
+from fastcifar.data.plan import IGNORE_LABEL, EvalLoader, LimitedEvalLoader, LimitedTrainLoader, TrainLoader
 from fastcifar.model import resnet18_cifar
 from fastcifar.monitor import LayerMonitor
 from fastcifar.optim import LRSchedule, WeightEMA, build_optimizer
@@ -171,6 +171,10 @@ def _make_loaders(cfg: TrainConfig, ds: Dataset, res: Resolved, info: dist.DistI
     val_loader = None  # --val-split: the held-out training images; the test set's batch shape, so no second graph
     if ds.val_labels is not None:
         val_loader = make_eval_loader(res.loader, ds.val_images, ds.val_labels, res.eval_batch_size, **common)
+    if cfg.limit_steps:  # before anything sized by the epoch's steps: schedule, buffers, monitor
+        train_loader, eval_loader = LimitedTrainLoader(train_loader, cfg.limit_steps), \
+            LimitedEvalLoader(eval_loader, cfg.limit_steps)
+        val_loader = val_loader and LimitedEvalLoader(val_loader, cfg.limit_steps)
     return train_loader, eval_loader, val_loader
 
 
@@ -258,6 +262,8 @@ def train_one_epoch(s: Session, epoch: int, progress=None) -> dict | None:
             progress.update(len(labels))
         if s.stop_requested():
             return None
+    if progress is not None:
+        progress.close()
 
     if s.profiler is not None:
         s.profiler.end_epoch()

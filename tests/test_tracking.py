@@ -108,16 +108,44 @@ def test_wandb_off_runs_without_the_package(tmp_path):
     assert (tmp_path / "r" / "summary.json").exists()
 
 
-def test_offline_wandb_for_real(tmp_path):
+def test_online_without_an_api_key_logs_offline_for_real_and_prints_the_sync_command(tmp_path):
+    """No WANDB_API_KEY and no netrc (HOME is empty): the data is kept offline, not dropped, with the upload command."""
     pytest.importorskip("wandb")
     code = ("from fastcifar.cli import main\n"
             f"raise SystemExit(main(['train', '--dataset', 'synthetic', '--synthetic-size', '32', '--batch-size', '16',"
-            f" '--epochs', '1', '--wandb', 'offline', '--no-report', '--run-dir', {str(tmp_path / 'r')!r}]))")
+            f" '--epochs', '1', '--wandb', 'online', '--no-report', '--run-dir', {str(tmp_path / 'r')!r}]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_SILENT": "true"})
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_SILENT": "true",
+                                 "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
+    assert "no W&B API key" in result.stderr and "logging offline" in result.stderr
     offline = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("*.wandb"))
+    assert f"W&B: logged offline; upload with: wandb sync {offline[0]}" in result.stdout
+
+
+def test_every_offline_run_ends_with_the_sync_command(tmp_path, fake_wandb, capsys):
+    fit(tiny_config(tmp_path / "r", epochs=1, wandb="offline"))
+    assert f"wandb sync {tmp_path / 'r' / 'wandb' / 'offline-run-*'}" in capsys.readouterr().out
+    fake_wandb.runs.clear()
+    fit(tiny_config(tmp_path / "o", epochs=1, wandb="online"))  # the fake has no key either: offline, said so
+    out, err = capsys.readouterr()
+    assert fake_wandb.runs[0].init["mode"] == "offline" and "no W&B API key" in err and "wandb sync" in out
+
+
+def test_online_that_fails_falls_back_to_offline(tmp_path, fake_wandb, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    init = fake_wandb.init
+
+    def unreachable(**kw):
+        if kw["mode"] == "online":
+            raise ConnectionError("api.wandb.ai unreachable")
+        return init(**kw)
+
+    fake_wandb.init = unreachable
+    tracker = WandbTracker("online", "p", tmp_path, {}, "name")
+    assert tracker.mode == "offline" and tracker.run is not None
+    assert "logging offline instead" in capsys.readouterr().err
 
 
 def test_jsonl_rows_store_nan_as_null(tmp_path):

@@ -9,6 +9,7 @@ resumed run sees exactly the batches an uninterrupted one would, and DDP ranks t
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -136,3 +137,35 @@ class PlannedTrainLoader:
 
     def _batches(self, plan: EpochPlan):
         raise NotImplementedError
+
+
+class LimitedTrainLoader:
+    """--limit-steps N: the first N steps of each epoch's plan (a quick check of everything, not a result)."""
+
+    def __init__(self, loader: TrainLoader, steps: int):
+        self.loader, self.steps = loader, steps
+        self.name, self.batch_size = loader.name, loader.batch_size
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), len(self))
+
+
+class LimitedEvalLoader:
+    """--limit-steps N: the first N evaluation batches; they are full unless they are all there is."""
+
+    def __init__(self, loader: EvalLoader, batches: int):
+        self.loader, self.batches = loader, min(len(loader), batches)
+        self.batch_size = loader.batch_size
+        self.num_images = loader.num_images if self.batches == len(loader) else self.batches * loader.batch_size
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.batches)
