@@ -132,11 +132,11 @@ def epoch_line(cfg, row: dict) -> str:
     ips = row["train_images_per_s"]
     perf = f"{ips / 1000:4,.0f}k img/s" if ips >= 100_000 else f"{ips:5,.0f} img/s"
     if row.get("mfu") is not None:
-        perf += f" MFU {100 * row['mfu']:.1f}%"
+        perf += f" MFU {100 * row['mfu']:4.1f}%"
     elif row.get("achieved_tflops") is not None:
-        perf += f" {row['achieved_tflops']:.1f} TFLOP/s"
+        perf += f" {row['achieved_tflops']:6.1f} TFLOP/s"
     elif row.get("achieved_gflops") is not None:
-        perf += f" {row['achieved_gflops']:.1f} GFLOP/s"
+        perf += f" {row['achieved_gflops']:6.1f} GFLOP/s"
     saved = f" +{_compact(row['checkpoint_time_s'])}" if row.get("checkpoint_time_s") else ""
     lr = lr_text(row["lr"], row.get("lr_peak"), row["lr_end"])
     line = (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] "

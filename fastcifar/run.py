@@ -39,7 +39,7 @@ from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, sele
 from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
 
 if TYPE_CHECKING:
-    from fastcifar.train import Session
+    from fastcifar.session import Session
 
 # A fresh optimizer at the recipe's full LR knocks a trained model back (measured: Adam 1e-3 took a 44.6 % model
 # to 22.4 % in its first epoch); a tenth of the LR with a short warm-up keeps what it learned.

@@ -194,7 +194,8 @@ def fit_group(group: Group, *, loss_fn=None) -> dict:
     """Train every seed of `group` not finished yet, in one process; returns the group's summary document (with
     "exit_code" when a seed was stopped)."""
     from fastcifar.run import TrainingRun
-    from fastcifar.train import build_session, reset_session, run_epochs
+    from fastcifar.session import build_session, reset_session
+    from fastcifar.train import run_epochs
 
     info = dist.setup(group.cfg.device, group.cfg.dist_timeout)
     session, dataset, stopped = None, None, None
@@ -241,7 +242,8 @@ def fit_group(group: Group, *, loss_fn=None) -> dict:
 def _fit_seed(group: Group, seed: int, state: str, info, session, dataset, loss_fn) -> dict:
     """One seed's run: a new session for the first, the same one reset for the others (no recompilation)."""
     from fastcifar.run import TrainingRun
-    from fastcifar.train import build_session, reset_session, run_epochs
+    from fastcifar.session import build_session, reset_session
+    from fastcifar.train import run_epochs
 
     cfg = group.seed_config(seed)
     if state == "fresh" and info.is_main and seed_dir(group.path, seed).exists():

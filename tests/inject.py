@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import fastcifar.checkpoint as checkpoint
-import fastcifar.train as train
+import fastcifar.session as session
 from fastcifar.cli import main
 
 rank = os.environ.get("RANK", "0")
@@ -55,7 +55,7 @@ if os.environ.get("FASTCIFAR_TEST_FAULT_RANK", rank) != rank or restarted:
 if kind in ("kill-at-step", "signal-at-step", "hang-at-step"):
     *names, at = arg.split(":")
     signals = [getattr(signal, n) for n in names[0].split(",")] if names else [signal.SIGKILL]
-    real_step, steps = train.train_step, [0]
+    real_step, steps = session.train_step, [0]
 
     def train_step(*args, **kwargs):
         steps[0] += 1
@@ -67,7 +67,7 @@ if kind in ("kill-at-step", "signal-at-step", "hang-at-step"):
                 os.kill(os.getpid(), sig)
         return real_step(*args, **kwargs)
 
-    train.train_step = train_step
+    session.train_step = train_step  # build_session binds the step from session.py
 elif kind == "kill-in-write":
     name, at = arg.split(":")
     real_write, writes = checkpoint.atomic_write, [0]

@@ -15,7 +15,7 @@ import torch
 
 from support import REPO, tiny_config
 from test_faults import TINY_FLAGS, inject, rows
-from fastcifar import files, report, train
+from fastcifar import files, report, session, train
 from fastcifar.cli import main
 from fastcifar.config import MAX_EPOCHS
 from fastcifar.train import fit
@@ -193,8 +193,8 @@ def test_the_resume_command_pastes_for_a_run_directory_with_a_space_and_non_asci
 def test_divergence_advice_is_only_what_applies(tmp_path, capsys, monkeypatch, amp):
     """--amp off is suggested only to a run that trains in reduced precision; with no epoch saved, the advice is
     the same command (with the change), restarting in the same folder."""
-    real_loss = train.F.cross_entropy
-    monkeypatch.setattr(train, "F", type("NanFunctional", (), {"cross_entropy": staticmethod(
+    real_loss = session.F.cross_entropy
+    monkeypatch.setattr(session, "F", type("NanFunctional", (), {"cross_entropy": staticmethod(
         lambda *args, **kwargs: real_loss(*args, **kwargs) * float("nan"))}))
     run = tmp_path / "r"
     assert main(["train", *TINY_FLAGS, "--epochs", "1", "--amp", amp, "--run-dir", str(run)]) == 1

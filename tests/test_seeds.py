@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastcifar.session as session
 import fastcifar.train as train
 from support import REPO, without_timings
 from fastcifar.cli import main
@@ -48,14 +49,14 @@ def group(tmp_path_factory):
     fake.runs = []
     fake.init = lambda **kw: fake.runs.append(_FakeWandbRun(**kw)) or fake.runs[-1]
     fake.Settings = lambda **kw: kw
-    builds, real_build = [], train.build_session
+    builds, real_build = [], session.build_session
     saved = sys.modules.get("wandb")
     sys.modules["wandb"] = fake
-    train.build_session = lambda *a, **k: builds.append(1) or real_build(*a, **k)
+    session.build_session = lambda *a, **k: builds.append(1) or real_build(*a, **k)
     try:
         assert main(["train", *FLAGS, "--wandb", "offline", "--seeds", "3", "--run-dir", str(path)]) == 0
     finally:
-        train.build_session = real_build
+        session.build_session = real_build
         if saved is None:
             del sys.modules["wandb"]
         else:
