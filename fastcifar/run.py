@@ -9,6 +9,7 @@ and what ends a run early: SIGINT/SIGTERM/SIGHUP (stop at a step boundary, or fi
 epochs are not all saved yet; a second signal exits at once), --target-acc, --stop-after-epoch, divergence, a full
 disk or a run file that cannot be written. Whatever ends it, every finished epoch that was saved stays, and the
 message says how to continue; where no epoch was saved, nothing is lost and the same command restarts there.
+What continues a run instead of starting one (--resume, --resume-if-exists, --init-from) is in resume.py.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ import torch
 from fastcifar import FastCifarError, TrainingDiverged, __version__
 from fastcifar import distributed as dist
 from fastcifar import flops
-from fastcifar.checkpoint import (Best, Timing, best_weights, check_compatible, load_checkpoint, restore,
-                                  resume_state, save_checkpoint)
-from fastcifar.config import RECIPES, TrainConfig, differing_flags, resolve
+from fastcifar.checkpoint import Best, Timing, best_weights, load_checkpoint, resume_state, save_checkpoint
+from fastcifar.config import RECIPES, TrainConfig, resolve
 from fastcifar.console import WIDTH, device_line, epoch_line, header, make_progress, shell_command, summary_table
 from fastcifar.data.cifar import hold_out_validation, load_dataset
 from fastcifar.files import CannotWrite, NoSpace, refresh_umask, remove_stale_temp_files
 from fastcifar.progress import EpochProgress
+from fastcifar.resume import ResumePath
 from fastcifar.signals import GracefulStop, RunInterrupted
 from fastcifar.summary import ACCURACY_MILESTONES, headline, newly_reached, selection_acc, summarise
-from fastcifar.tracking import JSONL_FILES, MetricsSink, RunDir, WandbTracker, default_run_dir
+from fastcifar.tracking import MetricsSink, RunDir, WandbTracker, default_run_dir
 
 if TYPE_CHECKING:
     from fastcifar.session import Session
@@ -63,7 +64,7 @@ class EpochClock:
         self.laps[name], self._last = now - self._last, now
 
 
-class TrainingRun:
+class TrainingRun(ResumePath):
     def __init__(self, cfg: TrainConfig, info: dist.DistInfo, path: Path, stop_after_epoch: int | None):
         self.cfg, self.info = cfg, info
         self.dir = RunDir(path, self.notice)
@@ -140,22 +141,6 @@ class TrainingRun:
             raise FastCifarError(message)
         return result
 
-    def _saved_run_to_continue(self) -> str | None:
-        """--resume-if-exists, on rank 0: "last.pt" when the run directory holds this configuration's run to
-        continue; None when it holds none, or one that saved no epoch yet (a fresh start there clears it)."""
-        if not self.dir.holds_run():
-            return None
-        try:
-            saved = self.dir.read_json("config.json")["config"]
-        except (FastCifarError, KeyError, TypeError):
-            raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run without a readable config.json: "
-                                 f"it cannot be checked against this command; choose another --run-dir.") from None
-        differ = differing_flags(saved, self.cfg)
-        if differ:
-            raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run of another configuration; these "
-                                 f"flags differ from its config.json: {', '.join(differ)}.")
-        return "last.pt" if self.dir.file("last.pt").is_file() else None
-
     def _refuse_a_used_directory(self) -> None:
         """A folder holding a saved epoch (or a finished run's record) is refused; one whose run saved nothing is
         restarted (start() clears it)."""
@@ -177,62 +162,6 @@ class TrainingRun:
         if self.cfg.run_dir:
             return f"run the same command again{change}: it restarts in {where}"
         return f"run the same command again{change} {'and' if change else 'with'} --run-dir {where}: it restarts there"
-
-    def _init_from_best(self) -> str:
-        best = self.dir.file("best.pt")
-        try:
-            epoch = load_checkpoint(best).get("epoch")
-        except FastCifarError:
-            return ""
-        return (f" Its best.pt (epoch {epoch}) is intact: `{shell_command('fastcifar', 'train', '--init-from', best)}`"
-                f" starts a new run from its weights.")
-
-    def _open_resume(self) -> None:
-        """Rank 0 reads last.pt and sends it to the others: nodes need not share the run directory."""
-        self.info.doing = "waiting for rank 0 to read last.pt and send it"
-        self.resume_state = self._on_main(self._read_last)
-
-    def _read_last(self) -> dict:
-        last = self.dir.file("last.pt")
-        if not last.is_file():
-            saved = self.dir.saved()
-            if not saved:
-                raise FastCifarError(
-                    f"cannot resume {self.dir.path}: no epoch was saved there (its run stopped before its first "
-                    f"checkpoint), so there is nothing to continue and nothing to lose: run the command that started "
-                    f"it again, without --resume (its flags are in {shell_command(self.dir.file('config.json'))})"
-                    + ("" if self.cfg.run_dir else f" and with --run-dir {shell_command(self.dir.path)}")
-                    + ": it restarts there.")
-            try:
-                finished = len(self.dir.read_jsonl("metrics.jsonl"))
-            except FastCifarError:
-                finished = 0
-            records = f", though its metrics.jsonl records {finished} finished epoch(s)" if finished else ""
-            raise FastCifarError(f"cannot resume {self.dir.path}: its last.pt (the resume state, saved after "
-                                 f"finished epochs) is missing{records}; it holds {', '.join(saved)}."
-                                 + (self._init_from_best() or " No checkpoint survives there: start a new run."))
-        try:
-            state = load_checkpoint(last)
-        except FastCifarError as exc:
-            good = self._intact_best()
-            raise FastCifarError(f"{exc} It cannot be resumed." + (
-                f" {good} is intact: `{shell_command('fastcifar', 'train', '--init-from', good)}` starts a new run "
-                f"from its weights." if good else "")) from None
-        done = state["epoch"]
-        if done >= self.cfg.epochs:
-            raise FastCifarError(f"{self.dir.path} already finished all {done} epochs: nothing to resume (pass "
-                                 f"--epochs N with N > {done} to train it further).")
-        # Read before locking, so that refusing a finished run changes nothing on disk; saves are atomic renames, so
-        # what was read is a whole checkpoint even if another process holds the directory (the lock then says so).
-        self.dir.lock()
-        return state
-
-    def _intact_best(self) -> Path | None:
-        try:
-            load_checkpoint(self.dir.file("best.pt"))
-            return self.dir.file("best.pt")
-        except FastCifarError:
-            return None
 
     def _dataset_notices(self) -> None:
         ds = self.dataset
@@ -287,19 +216,6 @@ class TrainingRun:
         s.stop_requested = self._abandon_now
         sys.stdout.flush()
 
-    def _restore(self, s: Session) -> None:
-        if self.resume_state is not None:
-            self.start_epoch, self.best, self.timing = restore(s, self.resume_state, self.dir.file("last.pt"),
-                                                               self.info.world_size)
-            self.saved_through = self.last_finished = self.start_epoch - 1
-            if self.info.is_main:  # the others cannot look at the run directory
-                self.timing.count_the_last_save([self.dir.file("last.pt"), self.dir.file("best.pt")])
-        elif self.init_state is not None:
-            check_compatible(s.model.state_dict(), self.init_state["model"], Path(self.cfg.init_from))
-            s.model.load_state_dict(self.init_state["model"])
-            if s.ema is not None:
-                s.ema.model.load_state_dict(s.model.state_dict())
-
     @property
     def resolved(self) -> dict:
         s, ds, ws = self.session, self.dataset, self.info.world_size
@@ -338,52 +254,7 @@ class TrainingRun:
         if self.resume_state is None:
             self.dir.write_json("config.json", self._config_doc())
             return
-        for name in JSONL_FILES:  # a crash may have left rows of epochs after the checkpoint, or a torn line
-            self.dir.truncate_jsonl(name, lambda r: r.get("epoch", -1) < self.start_epoch)
-        self.max_test_acc = max((headline(self.cfg.tta, r) for r in self.dir.read_jsonl("metrics.jsonl")),
-                                default=-1.0)
-        self._repair_best()
-        saved = self.dir.read_json("config.json")
-        planned = saved["config"]["epochs"]
-        if planned != self.cfg.epochs:
-            steps = len(s.train_loader)
-            lr_then, lr_now = s.schedule.lr_at([self.start_epoch * steps])[0], s.schedule.lr_at([0])[0]
-            change = "extending" if self.cfg.epochs > planned else "shortening"
-            self.notice(f"{change} the run from {planned} to {self.cfg.epochs} epochs: the LR schedule is the one "
-                        f"planned for {self.cfg.epochs} epochs, so epoch {self.start_epoch} continues at "
-                        f"lr {lr_then:.3g} (peak {lr_now:.3g}), where a {self.cfg.epochs}-epoch run would be")
-            history = saved.get("extended", []) + [{"from_epochs": planned, "to_epochs": self.cfg.epochs,
-                                                    "at_epoch": self.start_epoch, "lr_at_epoch": lr_then}]
-            self.dir.write_json("config.json", {**saved, "config": self.cfg.to_dict(), "extended": history})
-
-    def _repair_best(self) -> None:
-        """After a kill between writing last.pt and best.pt, best.pt can hold another epoch than the best one
-        last.pt records; last.pt carries the best weights, so best.pt is rewritten from it. A last.pt of format 1
-        did not carry them when the best epoch was an earlier one: then best.pt is their only copy, kept as it is
-        and read back so that later checkpoints carry them."""
-        path = self.dir.file("best.pt")
-        if self.best.model is None:
-            if self.best.epoch >= 0:
-                try:
-                    held = load_checkpoint(path) if path.exists() else {}
-                except FastCifarError:
-                    held = {}
-                if held.get("epoch") == self.best.epoch and held.get("model") is not None:
-                    self.best = Best(self.best.epoch, self.best.acc, held["model"], held.get("ema"))
-                else:
-                    self.notice(f"warning: the weights of the best epoch ({self.best.epoch}) are in neither last.pt "
-                                f"nor best.pt; best.pt is left as it is")
-                self.best_written = self.best.epoch  # never overwrite best.pt with no weights
-            return
-        try:
-            held = load_checkpoint(path).get("epoch") if path.exists() else None
-        except FastCifarError:
-            held = "damaged"
-        if held != self.best.epoch:
-            self._write_best()
-            self.notice(f"note: repaired best.pt: it held {'nothing' if held is None else f'epoch {held}'}, "
-                        f"last.pt records epoch {self.best.epoch} as the best")
-        self.best_written = self.best.epoch
+        self._continue_directory(s)
 
     def _header(self, s: Session) -> None:
         if self.resume_state is not None:

@@ -193,10 +193,6 @@ def resumed_group(path: Path, given: dict, recipe: str | None) -> Group:
 def fit_group(group: Group, *, loss_fn=None) -> dict:
     """Train every seed of `group` not finished yet, in one process; returns the group's summary document (with
     "exit_code" when a seed was stopped)."""
-    from fastcifar.run import TrainingRun
-    from fastcifar.session import build_session, reset_session
-    from fastcifar.train import run_epochs
-
     info = dist.setup(group.cfg.device, group.cfg.dist_timeout)
     session, dataset, stopped = None, None, None
     try:
