@@ -134,9 +134,9 @@ def epoch_line(cfg, row: dict) -> str:
     if row.get("mfu") is not None:
         perf += f" MFU {100 * row['mfu']:4.1f}%"
     elif row.get("achieved_tflops") is not None:
-        perf += f" {row['achieved_tflops']:6.1f} TFLOP/s"
+        perf += f" {row['achieved_tflops']:5.1f} TFLOP/s"
     elif row.get("achieved_gflops") is not None:
-        perf += f" {row['achieved_gflops']:6.1f} GFLOP/s"
+        perf += f" {row['achieved_gflops']:5.1f} GFLOP/s"
     saved = f" +{_compact(row['checkpoint_time_s'])}" if row.get("checkpoint_time_s") else ""
     lr = lr_text(row["lr"], row.get("lr_peak"), row["lr_end"])
     line = (f"epoch {row['epoch']:>{width}} [{row['epoch'] + 1:>{width}}/{cfg.epochs}] "
