@@ -151,6 +151,10 @@ class TrainingRun(ResumePath):
             raise FastCifarError(f"{self.dir.path} already holds a run ({', '.join(self.dir.holds_run())}): continue "
                                  f"it with `{shell_command('fastcifar', 'train', '--resume', self.dir.path)}`, or "
                                  f"choose another --run-dir.")
+        foreign = self.dir.foreign()
+        if foreign:  # never remove what another program wrote
+            raise FastCifarError(f"{self.dir.path} holds {', '.join(foreign)} that no fastcifar run wrote: a run there "
+                                 f"would replace it: choose another --run-dir.")
         if saved:
             raise FastCifarError(f"{self.dir.path} holds a run's {' and '.join(saved)} but no last.pt: it cannot "
                                  f"be resumed, and a new run there would replace that record: choose another "

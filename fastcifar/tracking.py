@@ -112,6 +112,20 @@ class RunDir:
             self.path = candidate
             return
 
+    def foreign(self) -> list[str]:
+        """Files a restart would remove that no fastcifar run wrote: a config.json that is not a run's, or rows
+        without a run's config.json (a dead run writes its config.json before any row)."""
+        try:
+            doc = json.loads(self.file("config.json").read_text())
+            ours = isinstance(doc, dict) and "config" in doc and "resolved" in doc
+        except FileNotFoundError:
+            ours = None
+        except (OSError, ValueError):
+            ours = False
+        if ours is False:
+            return ["config.json"]
+        return [] if ours else [name for name in JSONL_FILES if self.file(name).exists()]
+
     def clear_unsaved(self) -> list[str]:
         """Restarting where a run saved no epoch: remove its config and rows (its temp files are removed with
         every run's). Returns the names removed."""

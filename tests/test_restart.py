@@ -126,3 +126,18 @@ def test_two_runs_started_in_the_same_second_get_a_folder_each(tmp_path, capsys,
     folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert folders == ["20300102-030405-worksheet", "20300102-030405-worksheet-2"]
     assert all((tmp_path / "runs" / name / "last.pt").exists() for name in folders)
+
+
+@pytest.mark.parametrize("left", [{"config.json": '{"name": "my own project"}'},
+                                  {"metrics.jsonl": '{"epoch": 0, "loss": 1.0}\n'}])
+def test_files_no_fastcifar_run_wrote_are_never_removed_by_a_restart(tmp_path, capsys, left):
+    """A folder holding another program's config.json, or rows without a run's config.json, is not a dead run:
+    a fresh run there is refused in one line and the files stay as they were."""
+    run = tmp_path / "project"
+    run.mkdir()
+    for name, text in left.items():
+        (run / name).write_text(text)
+    assert main(["train", *TINY_FLAGS, "--epochs", "1", "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "that no fastcifar run wrote" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_text() for p in run.iterdir() if p.name != ".lock"} == left

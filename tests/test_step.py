@@ -289,6 +289,17 @@ def test_every_variant_runs_eagerly_before_any_capture(monkeypatch):
     assert_same_weights(s.model.state_dict(), reference.model.state_dict())
 
 
+def test_a_run_whose_every_step_is_monitored_is_still_captured(monkeypatch):
+    """--grad-every 1, or an epoch of fewer than 8 steps, asks for the monitored variant at every step: the plain
+    variant's kernels are a subset of it, so capture happens after the warm-up instead of never."""
+    fake, notices = FakeCuda(monkeypatch), []
+    s = session()
+    stepper = fake.stepper(s, (False, True), notices, warmup_steps=3)
+    run_steps(s, batches(s, 5), monitored=True)
+    assert stepper.captured and not notices
+    assert [e[1] for e in fake.events if e[0] == "step" and e[2] == "eager"] == [True, True, True]
+
+
 def test_a_failed_capture_restores_the_stream_names_the_root_cause_and_trains_uncaptured(monkeypatch):
     """The step raises under capture (an op that cannot be captured) and capture_end then raises its consequence:
     the caller's stream is current again, the one notice names the step's error, and training goes on uncaptured
