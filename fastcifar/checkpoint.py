@@ -102,11 +102,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def input_spec() -> dict:
+def input_spec(mean=CIFAR_MEAN, std=CIFAR_STD) -> dict:
     """What the model takes, stored in best.pt and last.pt beside the class names, so that a checkpoint alone is
-    enough to classify an image (fastcifar predict, the README's snippet)."""
+    enough to classify an image (fastcifar predict, the README's snippet); mean/std: the dataset's (CIFAR-100 has
+    its own)."""
     return {"size": SIZE, "channels": "RGB", "range": "pixels / 255, in [0, 1], then (x - mean) / std per channel",
-            "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
+            "mean": list(mean), "std": list(std)}
 
 
 # --- the resume state of a training session --------------------------------------------------------------------
@@ -165,19 +166,21 @@ def resume_state(session, *, epoch: int, best: Best, timing: Timing, config: dic
     return {"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": session.model.state_dict(),
             "optimizer": session.optimizer.state_dict(), "schedule": session.schedule.state_dict(),
             "scaler": session.scaler.state_dict(), "ema": session.ema.state_dict() if session.ema else None,
-            "rng": rng_state(), "config": config, "classes": classes, "input": input_spec(), "best": best_doc,
+            "rng": rng_state(), "config": config, "classes": classes, "best": best_doc,
+            "input": input_spec(session.dataset.mean, session.dataset.std) if session.dataset else input_spec(),
             "best_acc": best.acc, "best_epoch": best.epoch, "timing": vars(timing),
             "steps_per_epoch": len(session.train_loader), "world_size": world_size}
 
 
-def best_weights(best: Best, *, headline: str, config: dict, classes: list[str], on_validation: bool = False) -> dict:
+def best_weights(best: Best, *, headline: str, config: dict, classes: list[str], on_validation: bool = False,
+                 input: dict | None = None) -> dict:
     """best.pt: the weights of the best epoch (and their EMA), what they scored, and the config: what `fastcifar
     eval`, `--init-from` and the README's three lines load. Under --val-split the epoch was chosen on validation."""
     return {"format": CHECKPOINT_FORMAT, "kind": "best weights", "epoch": best.epoch, "test_acc": best.test_acc,
             "chosen_on": "validation" if on_validation else "test",
             "val_acc": best.acc if on_validation else None,
             "headline": headline, "model": best.model, "ema": best.ema, "config": config, "classes": classes,
-            "input": input_spec()}
+            "input": input or input_spec()}
 
 
 def restore(session, state: dict, path: Path, world_size: int) -> tuple[int, Best, Timing]:

@@ -28,7 +28,7 @@ import torch
 from fastcifar import FastCifarError, TrainingDiverged, __version__
 from fastcifar import distributed as dist
 from fastcifar import flops
-from fastcifar.checkpoint import Best, Timing, best_weights, load_checkpoint, resume_state, save_checkpoint
+from fastcifar.checkpoint import Best, Timing, best_weights, input_spec, load_checkpoint, resume_state, save_checkpoint
 from fastcifar.config import RECIPES, TrainConfig, resolve
 from fastcifar.console import WIDTH, device_line, epoch_line, header, make_progress, shell_command, summary_table
 from fastcifar.data.cifar import hold_out_validation, load_dataset
@@ -398,7 +398,8 @@ class TrainingRun(ResumePath):
             return
         save_checkpoint(self.dir.file("best.pt"), best_weights(
             self.best, headline="flip TTA" if self.cfg.tta == "flip" else "no TTA", config=self.cfg.to_dict(),
-            classes=list(self.dataset.classes), on_validation=bool(self.cfg.val_split)))
+            classes=list(self.dataset.classes), on_validation=bool(self.cfg.val_split),
+            input=input_spec(self.dataset.mean, self.dataset.std)))
 
     def _save(self, s: Session, epoch: int) -> float:
         start = time.perf_counter()

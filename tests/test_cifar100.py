@@ -147,6 +147,9 @@ def test_train_eval_and_flops_on_cifar100_through_the_cli(fake100, tmp_path, cap
     assert "data: CIFAR-100 from" in out
     best = torch.load(run / "best.pt", weights_only=False)
     assert tuple(best["model"]["fc.weight"].shape) == (100, 512) and len(best["classes"]) == 100
+    for name in ("best.pt", "last.pt"):  # what `fastcifar predict` normalises with: CIFAR-100's own statistics
+        spec = torch.load(run / name, weights_only=False)["input"]
+        assert (spec["mean"], spec["std"]) == (list(CIFAR100_MEAN), list(CIFAR100_STD)), name
     resolved = json.loads((run / "config.json").read_text())["resolved"]
     assert resolved["classes"] == 100 and resolved["normalize_mean"] == list(CIFAR100_MEAN)
     from fastcifar.flops import training_flops_per_image

@@ -247,3 +247,22 @@ def test_a_seed_stopped_by_target_acc_counts_as_done(tmp_path):
     assert [(r["seed"], r["summary"]["epochs_done"]) for r in doc["runs"]] == [(0, 1), (1, 1)]
     assert main(["train", "--resume", str(path)]) == 0  # done: nothing trains further
     assert len(rows(path / "seed-0")) == 1
+
+
+def test_reset_under_limit_steps_takes_the_new_seeds_data_order(tmp_path):
+    """--seeds with --limit-steps (or --fast-dev-run): the loader the session holds is the limiting wrapper; the reset
+    must reach the loader under it, so the next seed trains in its own order, as its separate run does."""
+    from fastcifar.config import resolve
+    from fastcifar.data.cifar import load_dataset
+    from fastcifar.distributed import DistInfo
+    from support import tiny_config
+
+    cfg0, cfg1 = (tiny_config(tmp_path, seed=seed, limit_steps=2) for seed in (0, 1))
+    ds = load_dataset(cfg0.dataset, synthetic_size=32, seed=0)
+    s = session.build_session(cfg0, DistInfo(), ds, resolve(cfg0))
+    session.reset_session(s, cfg1, ds)
+    fresh = session.build_session(cfg1, DistInfo(), ds, resolve(cfg1))
+    for loader in (s.train_loader, fresh.train_loader):
+        loader.set_epoch(0)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(s.train_loader, fresh.train_loader))
+    assert s.train_loader.seed == 1

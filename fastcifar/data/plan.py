@@ -152,6 +152,14 @@ class LimitedTrainLoader:
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)
 
+    @property
+    def seed(self) -> int:  # reset_session sets the next seed's data order on the loader it holds
+        return self.loader.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self.loader.seed = value
+
     def __iter__(self):
         return itertools.islice(iter(self.loader), len(self))
 
