@@ -285,8 +285,12 @@ def _run_group(args: argparse.Namespace, given: dict, resume: str | None, recipe
     from fastcifar.seeds import fit_group, parse_seeds, resumed_group, start_group
     from fastcifar.tracking import default_run_dir
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would make and train the group on its own
+        raise FastCifarError("--seeds trains its seeds one after another in one process; under torchrun, start one "
+                             "job per seed (--seed K, each with its own --run-dir), then `fastcifar compare` them.")
     for flag, value in (("--seed", args.seed), ("--stop-after-epoch", args.stop_after_epoch),
-                        ("--profile", args.profile), ("--init-from", args.init_from if resume else None)):
+                        ("--profile", args.profile), ("--resume-if-exists", args.resume_if_exists or None),
+                        ("--init-from", args.init_from if resume else None)):
         if value is not None:
             raise FastCifarError(f"{flag} does not go with " + ("--resume of a group of seeds" if resume else
                                  "--seeds (each seed is one run of the group)") + ": leave it out.")

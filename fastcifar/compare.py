@@ -33,7 +33,9 @@ def load_side(path: str) -> dict:
             raise FastCifarError(f"{folder} is a group of seeds with no finished seed yet: nothing to compare "
                                  f"(continue it with fastcifar train --resume {folder}).")
         config = _read_json(folder / GROUP_FILE, folder)["config"]
-        per_run = [run_metrics(r["summary"], read_rows(Path(r["run_dir"])), config.get("tta", "off")) for r in runs]
+        # each seed's folder under the group, wherever the group was trained or has moved since
+        per_run = [run_metrics(r["summary"], read_rows(folder / f"seed-{r['seed']}"), config.get("tta", "off"))
+                   for r in runs]
         kind = "group"
     elif (folder / "summary.json").is_file():
         summary = _read_json(folder / "summary.json", folder)

@@ -126,7 +126,7 @@ class ResumePath:
         planned = saved["config"]["epochs"]
         if planned != self.cfg.epochs:
             steps = len(s.train_loader)
-            lr_then, lr_now = s.schedule.lr_at([self.start_epoch * steps])[0], s.schedule.lr_at([0])[0]
+            lr_then, lr_now = s.schedule.lr_at([self.start_epoch * steps])[0], s.schedule.peak
             change = "extending" if self.cfg.epochs > planned else "shortening"
             self.notice(f"{change} the run from {planned} to {self.cfg.epochs} epochs: the LR schedule is the one "
                         f"planned for {self.cfg.epochs} epochs, so epoch {self.start_epoch} continues at "

@@ -126,13 +126,13 @@ class TrainingRun(ResumePath):
 
     def _on_main(self, action):
         """Run `action` on rank 0 and return its result on every rank (sent by broadcast: the other ranks need no
-        access to the run directory); a FastCifarError there stops every rank with its message (the others would
+        access to the run directory); an error there stops every rank with its message (the others would
         otherwise wait forever in the next collective)."""
         error = result = None
         if self.info.is_main:
             try:
                 result = action()
-            except FastCifarError as exc:
+            except Exception as exc:  # any failure on rank 0 (an OSError too) must reach the ranks waiting on it
                 error = exc
         message, result = dist.broadcast_object((str(error) if error is not None else None, result), self.info)
         if error is not None:

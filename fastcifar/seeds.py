@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 from fastcifar import FastCifarError
 from fastcifar import distributed as dist
-from fastcifar.config import TrainConfig
+from fastcifar.config import RESUMABLE, TrainConfig
 from fastcifar.stats import describe, format_stat
 from fastcifar.summary import ACCURACY_MILESTONES
 from fastcifar.tracking import RunDir
@@ -30,7 +29,8 @@ from fastcifar.tracking import RunDir
 GROUP_FILE = "group.json"
 # Flags that may change when a group is resumed (a subset of cli.RESUMABLE: nothing that changes what a seed
 # trains, so the finished seeds and the resumed ones stay comparable).
-GROUP_RESUMABLE = {"progress", "wandb", "wandb_project", "report", "num_workers", "data_dir", "download"}
+# A group may change what a single run may on resume, but not its length or target: every seed must train alike.
+GROUP_RESUMABLE = RESUMABLE - {"epochs", "target_acc"}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -154,7 +154,8 @@ class Group:
         self.runs.append({"seed": seed, "run_dir": str(folder), "summary": RunDir(folder).read_json("summary.json")})
 
     def document(self) -> dict:
-        per_run = [run_metrics(r["summary"], read_rows(Path(r["run_dir"])), self.cfg.tta) for r in self.runs]
+        per_run = [run_metrics(r["summary"], read_rows(seed_dir(self.path, r["seed"])), self.cfg.tta)
+                   for r in self.runs]
         return {"seeds": self.seeds, "runs": self.runs, "stats": group_stats(per_run)}
 
     def write_summary(self) -> dict:
@@ -242,8 +243,8 @@ def _fit_seed(group: Group, seed: int, state: str, info, session, dataset, loss_
     from fastcifar.train import run_epochs
 
     cfg = group.seed_config(seed)
-    if state == "fresh" and info.is_main and seed_dir(group.path, seed).exists():
-        shutil.rmtree(seed_dir(group.path, seed))  # stopped before its first epoch was saved: nothing to keep
+    # a seed stopped before its first save restarts in its folder as any run does (run.py clears what it left);
+    # one that holds a saved record without last.pt is refused there, never removed
     subsets = cfg.train_subset or cfg.test_subset or cfg.val_split  # drawn with the seed: each seed loads its own
     resume = state == "resume"
     with TrainingRun.open(cfg, info, resume_dir=cfg.run_dir if resume else None,

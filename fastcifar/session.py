@@ -140,7 +140,8 @@ def reset_session(s: Session, cfg: TrainConfig, ds: Dataset, notice: Callable[[s
 
 def _make_loaders(cfg: TrainConfig, ds: Dataset, res: Resolved, info: dist.DistInfo,
                   notice: Callable[[str], None]) -> tuple[TrainLoader, EvalLoader, EvalLoader | None]:
-    """The train, test and (--val-split) validation loaders of `res.loader`; DALI that imports but cannot start falls back to torch."""
+    """The train, test and (--val-split) validation loaders of `res.loader`; DALI that imports but cannot start
+    falls back to torch."""
     data_dtype = res.amp_dtype or torch.float32  # the loader casts once; autocast then keeps it
     common = dict(device=res.device, dtype=data_dtype, channels_last=res.channels_last, rank=info.rank,
                   world_size=info.world_size, mean=ds.mean, std=ds.std)

@@ -194,8 +194,13 @@ def test_seed_lists():
     (["--seeds", "0,0"], "lists a seed twice"),
     (["--seeds", "3", "--seed", "1"], "--seed does not go with --seeds"),
     (["--seeds", "3", "--stop-after-epoch", "1"], "--stop-after-epoch does not go with --seeds"),
+    (["--seeds", "3", "--resume-if-exists"], "--resume-if-exists does not go with --seeds"),
+    (["--seeds", "3", "--profile"], "--profile does not go with --seeds"),
+    (["--seeds", "3", "WORLD_SIZE=2"], "under torchrun, start one job per seed"),
 ])
-def test_bad_seed_flags_are_one_clear_error(args, message, tmp_path, capsys):
+def test_bad_seed_flags_are_one_clear_error(args, message, tmp_path, capsys, monkeypatch):
+    if args[-1].startswith("WORLD_SIZE="):  # as torchrun sets it for each of its processes
+        monkeypatch.setenv("WORLD_SIZE", args.pop().split("=")[1])
     assert main(["train", *FLAGS, "--wandb", "off", *args, "--run-dir", str(tmp_path / "g")]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
