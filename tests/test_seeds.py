@@ -271,3 +271,15 @@ def test_reset_under_limit_steps_takes_the_new_seeds_data_order(tmp_path):
         loader.set_epoch(0)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(s.train_loader, fresh.train_loader))
     assert s.train_loader.seed == 1
+
+
+def test_under_val_split_the_group_headline_is_the_test_accuracy_of_the_epoch_chosen_on_validation():
+    """A group (and `fastcifar compare`) must not report the test set's maximum as the headline when the epoch
+    was chosen on validation: that maximum is kept apart, named as such."""
+    from fastcifar.seeds import run_metrics
+
+    summary = {"best_test_acc": 0.62, "best_test_acc_no_tta": 0.62, "final_test_acc": 0.55, "mean_epoch_time_s": 1.0,
+               "mean_train_time_s": 0.9, "chosen_on": "validation", "test_acc_at_best": 0.58}
+    metrics = run_metrics(summary, [], "off")
+    assert metrics["best_test_acc"] == 0.58 and metrics["max_test_acc"] == 0.62
+    assert run_metrics({**summary, "chosen_on": "test"}, [], "off")["best_test_acc"] == 0.62
