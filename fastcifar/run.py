@@ -163,6 +163,9 @@ class TrainingRun(ResumePath):
     def _restart_hint(self, change: str = "") -> str:
         """Where no epoch was saved: nothing is lost, and the same command restarts in this folder."""
         where = shell_command(self.dir.path)
+        if self.group is not None and not change:  # a seed of a --seeds group: the group continues, this seed restarts
+            group = shell_command("fastcifar", "train", "--resume", self.dir.path.parent)
+            return f"continue the group with `{group}`: this seed restarts in {where}"
         if self.cfg.run_dir:
             return f"run the same command again{change}: it restarts in {where}"
         return f"run the same command again{change} {'and' if change else 'with'} --run-dir {where}: it restarts there"

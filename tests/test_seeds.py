@@ -283,3 +283,19 @@ def test_under_val_split_the_group_headline_is_the_test_accuracy_of_the_epoch_ch
     metrics = run_metrics(summary, [], "off")
     assert metrics["best_test_acc"] == 0.58 and metrics["max_test_acc"] == 0.62
     assert run_metrics({**summary, "chosen_on": "test"}, [], "off")["best_test_acc"] == 0.62
+
+
+def test_a_seed_stopped_before_its_first_save_points_at_the_group(tmp_path):
+    """SIGINT in seed 1's first epoch (steps 9-12): nothing of seed 1 was saved, so the message sends the user to
+    `--resume GROUP` (rerunning the --seeds command would be refused: the group exists), and that finishes it."""
+    path = tmp_path / "g"
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "inject.py"), "train", *FLAGS, "--wandb", "off",
+                             "--seeds", "2", "--run-dir", str(path)], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, env={**os.environ, "FASTCIFAR_TEST_FAULT": "signal-at-step:SIGINT:10",
+                                              "WANDB_MODE": "disabled"})
+    assert result.returncode == 130, result.stderr[-2000:]
+    said = result.stdout + result.stderr
+    assert f"continue the group with `fastcifar train --resume {path}`" in said, said[-1500:]
+    assert "run the same command again" not in said
+    assert main(["train", "--resume", str(path), "--progress", "off"]) == 0
+    assert [r["seed"] for r in json.loads((path / "summary.json").read_text())["runs"]] == [0, 1]
