@@ -118,7 +118,7 @@ class RunDir:
         try:
             doc = json.loads(self.file("config.json").read_text())
             ours = isinstance(doc, dict) and "config" in doc and "resolved" in doc
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no config.json (or no folder yet: create() says why)
             ours = None
         except (OSError, ValueError):
             ours = False
