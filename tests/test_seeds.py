@@ -158,15 +158,21 @@ def test_report_of_a_group_draws_every_seed_with_mean_and_band(group):
     assert (group.path / "plots" / "group_curves.png").stat().st_size > 10_000
 
 
+def interrupted_group(path, seeds: int, at_step: int) -> subprocess.CompletedProcess:
+    """`fastcifar train --seeds N` in a subprocess that sends itself SIGINT when its at_step-th step starts (counted
+    over the whole process: 4 steps an epoch, 8 a seed)."""
+    return subprocess.run([sys.executable, str(REPO / "tests" / "inject.py"), "train", *FLAGS, "--wandb", "off",
+                           "--seeds", str(seeds), "--run-dir", str(path)], capture_output=True, text=True, cwd=REPO,
+                          timeout=300, env={**os.environ, "FASTCIFAR_TEST_FAULT": f"signal-at-step:SIGINT:{at_step}",
+                                            "WANDB_MODE": "disabled"})
+
+
 def test_interrupted_group_keeps_finished_seeds_and_resumes_the_rest(group, tmp_path):
     """SIGINT during seed 1's second epoch (4 steps an epoch: seed 0 is steps 1-8): seed 0 stays finished, seed 1
     keeps its first epoch, `--resume GROUP` continues seed 1 and trains seed 2; every seed then equals the
     uninterrupted group's."""
     path = tmp_path / "g"
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "inject.py"), "train", *FLAGS, "--wandb", "off",
-                             "--seeds", "3", "--run-dir", str(path)], capture_output=True, text=True, cwd=REPO,
-                            timeout=300, env={**os.environ, "FASTCIFAR_TEST_FAULT": "signal-at-step:SIGINT:14",
-                                              "WANDB_MODE": "disabled"})
+    result = interrupted_group(path, seeds=3, at_step=14)
     assert result.returncode == 130, result.stderr[-2000:]
     assert f"continue with: fastcifar train --resume {path}" in result.stdout
     doc = json.loads((path / "summary.json").read_text())
@@ -289,10 +295,7 @@ def test_a_seed_stopped_before_its_first_save_points_at_the_group(tmp_path):
     """SIGINT in seed 1's first epoch (steps 9-12): nothing of seed 1 was saved, so the message sends the user to
     `--resume GROUP` (rerunning the --seeds command would be refused: the group exists), and that finishes it."""
     path = tmp_path / "g"
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "inject.py"), "train", *FLAGS, "--wandb", "off",
-                             "--seeds", "2", "--run-dir", str(path)], capture_output=True, text=True, cwd=REPO,
-                            timeout=300, env={**os.environ, "FASTCIFAR_TEST_FAULT": "signal-at-step:SIGINT:10",
-                                              "WANDB_MODE": "disabled"})
+    result = interrupted_group(path, seeds=2, at_step=10)
     assert result.returncode == 130, result.stderr[-2000:]
     said = result.stdout + result.stderr
     assert f"continue the group with `fastcifar train --resume {path}`" in said, said[-1500:]
