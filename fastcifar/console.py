@@ -245,6 +245,10 @@ class SurvivingStream:
 
     def _lose(self, exc: Exception) -> None:
         self.gone = True
+        if self not in (sys.stdout, sys.stderr):
+            # written after surviving_output() ended (a logging handler keeps the stream it was made with), so the
+            # stream is no longer this process's: its descriptor may be another file's now, and no note is due
+            return
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())

@@ -13,12 +13,13 @@ best, timing, the epoch counters) and nothing else.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastcifar import FastCifarError
 from fastcifar.checkpoint import Best, check_compatible, load_checkpoint, restore
-from fastcifar.config import differing_flags
+from fastcifar.config import RECIPES, differing_flags, recipe_warmup
 from fastcifar.console import shell_command
 from fastcifar.summary import headline
 from fastcifar.tracking import JSONL_FILES
@@ -30,21 +31,35 @@ if TYPE_CHECKING:
 class ResumePath:
     """TrainingRun's resume path (a base class of it; see the module docstring)."""
 
-    def _saved_run_to_continue(self) -> str | None:
-        """--resume-if-exists, on rank 0: "last.pt" when the run directory holds this configuration's run to
-        continue; None when it holds none, or one that saved no epoch yet (a fresh start there clears it)."""
+    def _saved_run_to_continue(self) -> tuple[str | None, float | None]:
+        """--resume-if-exists, on rank 0: ("last.pt", warm-up) when the run directory holds this configuration's
+        run to continue; (None, None) when it holds none, or one that saved no epoch yet (a fresh start there
+        clears it). The warm-up is the saved run's when the command's differs only as a recipe's share of a
+        changed --epochs (as --resume keeps it), else None."""
         if not self.dir.holds_run():
-            return None
+            return None, None
         try:
             saved = self.dir.read_json("config.json")["config"]
         except (FastCifarError, KeyError, TypeError):
             raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run without a readable config.json: "
                                  f"it cannot be checked against this command; choose another --run-dir.") from None
-        differ = differing_flags(saved, self.cfg)
+        warmup = self._saved_recipe_warmup(saved)
+        differ = differing_flags(saved, self.cfg if warmup is None else replace(self.cfg, warmup_epochs=warmup))
         if differ:
             raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run of another configuration; these "
                                  f"flags differ from its config.json: {', '.join(differ)}.")
-        return "last.pt" if self.dir.file("last.pt").is_file() else None
+        return ("last.pt", warmup) if self.dir.file("last.pt").is_file() else (None, None)
+
+    def _saved_recipe_warmup(self, saved: dict) -> float | None:
+        """A recipe's warm-up follows --epochs (config.recipe_warmup): a restarted command with another --epochs
+        computes another one. Where both are that share, the run keeps its own, as `--resume --epochs` does."""
+        cfg, recipe = self.cfg, saved.get("recipe")
+        if recipe != cfg.recipe or recipe not in RECIPES or saved.get("epochs") == cfg.epochs:
+            return None
+        if saved.get("warmup_epochs") == recipe_warmup(recipe, saved.get("epochs")) != cfg.warmup_epochs == \
+                recipe_warmup(recipe, cfg.epochs):
+            return saved["warmup_epochs"]
+        return None
 
     def _open_resume(self) -> None:
         """Rank 0 reads last.pt and sends it to the others: nodes need not share the run directory."""

@@ -20,6 +20,7 @@ import statistics
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,8 +99,13 @@ class TrainingRun(ResumePath):
         try:
             run._on_main(run.dir.check_usable)  # first: a live process there is named, whatever the folder holds
             info.doing = "waiting for rank 0 to check the run directory"
-            if resume_if_exists and run._on_main(run._saved_run_to_continue) == "last.pt":
-                resume_dir = run.dir.path
+            if resume_if_exists:
+                found, warmup = run._on_main(run._saved_run_to_continue)
+                if found == "last.pt":
+                    resume_dir = run.dir.path
+                if warmup is not None:  # the run's own warm-up, not the share of the new --epochs
+                    run.cfg = cfg = replace(cfg, warmup_epochs=warmup)
+                    run.res = resolve(cfg, info.local_rank, info.world_size)
             if resume_dir is not None:
                 run._open_resume()
             else:

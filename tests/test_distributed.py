@@ -144,6 +144,27 @@ def test_resume_if_exists_refuses_a_run_of_another_configuration_naming_the_flag
     assert "resuming at epoch 1" in capsys.readouterr().out
 
 
+def test_resume_if_exists_keeps_a_recipes_warm_up_when_epochs_change(tmp_path, capsys):
+    """The fast recipe's warm-up is a share of --epochs: restarted with another --epochs, the same command must
+    continue its run with the run's own warm-up (as --resume does), not be refused for --warmup-epochs."""
+    from fastcifar.cli import main
+
+    run = tmp_path / "run"
+    flags = ["train", "--recipe", "fast", "--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "8",
+             "--wandb", "off", "--no-report", "--progress", "off", "--no-monitor", "--run-dir", str(run),
+             "--resume-if-exists"]
+    assert main([*flags, "--epochs", "3", "--stop-after-epoch", "1"]) == 0
+    warmup = json.loads((run / "config.json").read_text())["config"]["warmup_epochs"]
+    assert warmup == pytest.approx(2 * 3 / 15)
+    capsys.readouterr()
+    assert main([*flags, "--epochs", "4", "--stop-after-epoch", "2"]) == 0, capsys.readouterr().err
+    assert "resuming at epoch 1" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["epochs"] == 4 and config["warmup_epochs"] == warmup  # not 2 * 4 / 15
+    assert main([*flags, "--epochs", "4", "--warmup-epochs", "1"]) == 1  # a warm-up given is a change: refused
+    assert "these flags differ from its config.json: --warmup-epochs." in capsys.readouterr().err
+
+
 @needs_torchrun
 def test_a_hung_rank_is_noticed_after_dist_timeout_by_a_message_naming_the_rank_and_what_it_was_doing(tmp_path):
     result = torchrun("train", *RESTART_FLAGS, "--dist-timeout", "3", "--run-dir", str(tmp_path / "run"),

@@ -54,6 +54,26 @@ def test_a_broken_pipe_on_stdout_does_not_stop_training(tmp_path):
     assert [r["epoch"] for r in rows(run)] == [0] and (run / "last.pt").exists()
 
 
+def test_a_stream_written_after_surviving_output_ended_stays_silent(monkeypatch, capsys):
+    """A logging handler made during a command keeps the wrapper; once the command is over and its stream is
+    closed (pytest's capture, a finished subprocess pipe), a late write is dropped without a note on the other
+    stream: the note is for the live command only."""
+    import io
+    import logging
+
+    from fastcifar.console import surviving_output
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with surviving_output():
+        handler = logging.StreamHandler()  # holds the wrapped sys.stderr, as such handlers do
+    monkeypatch.undo()
+    stream.close()
+    handler.emit(logging.makeLogRecord({"msg": "late"}))
+    handler.flush()
+    assert capsys.readouterr() == ("", "")
+
+
 def test_a_terminal_that_cannot_show_the_run_directory_name_does_not_stop_training(tmp_path):
     """An ASCII-only stdout and a run directory named in other letters: printed escaped, never a traceback."""
     run = tmp_path / "été"

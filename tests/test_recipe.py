@@ -28,6 +28,9 @@ def test_the_fast_recipe_sets_its_defaults_and_every_flag_overrides_them():
     cfg = build_config("fast", lr=0.1, augment="crop,flip", tta="off")
     assert (cfg.lr, cfg.augment, cfg.tta, cfg.optimizer) == (0.1, "crop,flip", "off", "sgd")
     assert build_config("worksheet") == build_config()  # the report's table stays the default
+    ws = build_config()
+    assert (ws.optimizer, ws.lr, ws.batch_size, ws.epochs, ws.scheduler, ws.augment, ws.weight_decay) == \
+        ("adam", 1e-3, 128, 25, "cosine", "crop,flip", 0)
     assert set(RECIPES["fast"]) <= set(build_config().to_dict())
 
 
