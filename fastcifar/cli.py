@@ -21,7 +21,7 @@ from fastcifar import FastCifarError, __version__
 from fastcifar.config import (AMP_CHOICES, AUTO_ON_OFF, DATASETS, DEVICES, LOADERS, RECIPES, RESUMABLE, TTA_MODES,
                               WANDB_MODES, TrainConfig, build_config, config_yaml, expand_path, read_config_file,
                               recipe_warmup)
-from fastcifar.console import surviving_output
+from fastcifar.console import WIDTH, surviving_output
 from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
 
@@ -321,7 +321,9 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     tta = f" | flip TTA: accuracy {100 * result['test_acc_tta']:.2f} %, loss {result['test_loss_tta']:.4f}" \
         if args.tta == "flip" else ""
-    print(f"{result['checkpoint']} ({result['weights']}, epoch {result['epoch']}) on {result['dataset']}:")
+    print(textwrap.fill(f"{result['checkpoint']} ({result['weights']}, epoch {result['epoch']}) on "
+                        f"{result['dataset']}:", WIDTH, subsequent_indent="    ", break_long_words=False,
+                        break_on_hyphens=False))
     print(f"test accuracy {100 * result['test_acc']:.2f} %, loss {result['test_loss']:.4f} over "
           f"{result['test_images']:,} images{tta}")
     return 0

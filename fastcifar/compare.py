@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from fastcifar import FastCifarError
+from fastcifar.console import WIDTH
 from fastcifar.seeds import GROUP_FILE, read_rows, run_metrics
 from fastcifar.stats import ALPHA, MAX_SEEDS_SUGGESTED, describe, seeds_needed, welch
 
@@ -119,7 +120,9 @@ def format_comparison(result: dict) -> str:
                 lo, hi = (scale * v for v in m["ci95"])
                 diff += f" (95 % CI {lo:+.{digits}f} to {hi:+.{digits}f}), Welch's t-test p = {m['p']:.3g}"
             lines.append(f"  B − A: {diff}")
-        lines.append(f"  {verdict(m)}")
+        said = f"  {verdict(m)}"
+        # a terminal line stays within 120 columns: what would make it distinguishable goes on a line of its own
+        lines += said.replace("; ", ";\n    ", 1).split("\n") if len(said) > WIDTH else [said]
     lines.append("")
     if result["config_diff"]:
         flags = {"--" + k.replace("_", "-"): v for k, v in result["config_diff"].items()}

@@ -160,3 +160,6 @@ def test_train_eval_and_flops_on_cifar100_through_the_cli(fake100, tmp_path, cap
     summary = json.loads((run / "summary.json").read_text())
     assert result["test_images"] == 10 and result["dataset"].startswith("CIFAR-100")
     assert result["test_acc"] == summary["best_test_acc_no_tta"]  # the same weights, the same evaluation
+    assert main(["eval", str(run / "best.pt"), "--no-download", "--test-subset", "10"]) == 0
+    out = capsys.readouterr().out  # a long path and the dataset's description: wrapped to a terminal's width
+    assert f"{100 * result['test_acc']:.2f} %" in out and max(map(len, out.splitlines())) <= 120, out

@@ -111,6 +111,7 @@ def test_compare_within_noise_says_how_many_seeds_would_tell(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"about {best['seeds_needed']} seeds per side would make it so" in out
     assert "nothing but the seeds" in out
+    assert max(map(len, out.splitlines())) <= 120  # a terminal's width: the advice wraps onto its own line
 
 
 def test_compare_a_single_run_cannot_tell(tmp_path, capsys):
