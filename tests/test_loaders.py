@@ -579,7 +579,7 @@ def test_dali_that_builds_but_fails_on_its_first_run_falls_back_at_start_up(aske
     def broken(self, *args, **kwargs):
         raise RuntimeError("CUDA allocation failed: out of memory")
 
-    monkeypatch.setattr(Pipeline, "run", broken)
+    monkeypatch.setattr(Pipeline, "schedule_run", broken)
     cfg = build_config(dataset="synthetic", synthetic_size=32, batch_size=8, wandb="off", loader=asked)
     res = resolve(cfg)
     res.loader = "dali"  # what auto resolves to on a CUDA machine where DALI imports
@@ -595,18 +595,39 @@ def test_dali_that_builds_but_fails_on_its_first_run_falls_back_at_start_up(aske
 
 
 def test_dali_produces_one_batch_ahead_without_changing_the_batches(monkeypatch):
-    """Overlap: when batch N is handed over, batch N+1 has already been fed and run; the batches are the same."""
+    """Overlap: when batch N is handed over, its outputs have just been taken and batch N+1 is already fed and
+    scheduled (its outputs not yet taken: on CUDA that would make torch's stream wait for it before step N);
+    the batches are the same as the torch loader's."""
     _require("dali")
     from fastcifar.data import dali
 
     images, labels = random_set(128, seed=3)
     loader = train_loader("dali", images, labels, 32, seed=2)
     expected = _epoch(train_loader("torch", images, labels, 32, seed=2), 1)
-    runs = []
-    original = dali._DaliRunner.__call__
-    monkeypatch.setattr(dali._DaliRunner, "__call__", lambda self, *a, **k: runs.append(1) or original(self, *a, **k))
+    calls = []
+    for name in ("submit", "collect"):
+        original = getattr(dali._DaliRunner, name)
+        monkeypatch.setattr(dali._DaliRunner, name,
+                            lambda self, *a, _f=original, _n=name, **k: calls.append(_n) or _f(self, *a, **k))
     loader.set_epoch(1)
     for step, (batch, batch_labels) in enumerate(loader):
-        assert len(runs) == min(step + 2, len(loader))  # this batch's run and the next one's
+        assert calls.count("submit") == min(step + 2, len(loader)) and calls.count("collect") == step + 1
+        assert calls[-1] == ("submit" if step + 1 < len(loader) else "collect")  # N+1 scheduled, not taken
         assert torch.equal(batch_labels, expected[step][1])
         assert (batch - expected[step][0]).abs().max().item() <= 1e-5
+
+
+def test_an_abandoned_dali_epoch_leaves_nothing_for_the_next_one():
+    """An epoch stopped after two batches leaves its third scheduled in the pipeline; the next epoch must start
+    with its own first batch, not that one."""
+    _require("dali")
+    images, labels = random_set(128, seed=4)
+    loader = train_loader("dali", images, labels, 32, seed=5)
+    expected = _epoch(train_loader("torch", images, labels, 32, seed=5), 1)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    next(batches), next(batches)  # the generator is kept alive: nothing closes it
+    got = _epoch(loader, 1)
+    assert len(got) == len(expected)
+    for (batch, batch_labels), (want, want_labels) in zip(got, expected):
+        assert torch.equal(batch_labels, want_labels) and (batch - want).abs().max().item() <= 1e-5

@@ -7,7 +7,8 @@ Data flow (train, one step):
     -> feed_input(cuda_stream=torch's stream): DALI copies the batch into its own buffer ON THAT STREAM
     -> fn.crop_mirror_normalize(crop 32x32 at crop_pos = k/2p, mirror, mean/std, dtype, layout)  one fused kernel
     -> fn.erase (cutout, when configured): the plan's boxes filled with 0, the normalised mean colour
-    -> run(torch's stream) + DLPack: the output is bound to torch's stream and handed over without a copy.
+    -> schedule_run(); later outputs(torch's stream) + DLPack: the output is bound to torch's stream and handed
+       over without a copy.
 
 Input ordering, and why a copy: DALI's external_source documents that with no_copy=True the user must keep GPU
 memory valid and ordered, and DALI's kernels run on DALI's own stream: nothing orders them after torch's gather,
@@ -17,18 +18,22 @@ DALI's copy is enqueued on torch's stream itself, after the gather, and DALI ord
 copy; once the copy is queued the torch buffer may be freed, since torch's allocator only reuses it for work
 queued later on the same stream. The copy is 128 x 40 x 40 x 3 = 0.6 MB per step at batch 128: noise next to
 the step's ~0.4 TFLOP. (The alternative, a CUDA event recorded on torch's stream for DALI to wait on, has no
-public DALI API for the wait.) The output side is ordered by run(stream): DALI binds the outputs to torch's
-stream, and torch.from_dlpack consumes them on it.
+public DALI API for the wait.) The output side is ordered by outputs(stream): DALI makes torch's stream wait
+for the iteration's work at that call, and torch.from_dlpack consumes the outputs on it.
 
 Why pad first: DALI places a crop window at crop_pos * (W - crop_W). On the (32+2p)-square padded copy,
 crop_pos = k/2p gives exactly the integer offsets 0..2p of torchvision's RandomCrop(32, padding=p) (checked for
 p = 1..8), and since the zeros are padded in pixel space before normalisation, a padded pixel comes out as
 (0 - mean)/std, as in torchvision.
 
-Overlap: the train loader produces one batch ahead. Step N+1's gather and DALI feed/run are issued before step N
-is handed over, so the host's per-step DALI work (the feed_input calls and run(), which blocks the host until
-the iteration is scheduled) happens while the GPU still runs step N-1, and DALI's kernels for N+1 run on DALI's
-stream alongside step N's instead of in the gap between two steps. The batches and their order are unchanged.
+Overlap: the train loader schedules one batch ahead. When batch N is handed over, its outputs were just taken
+(outputs(stream): torch's stream waits for DALI's work on N from here on, i.e. after step N-1) and batch N+1 is
+already gathered, fed and scheduled (schedule_run, no output taken). So the host's per-step DALI work happens
+while the GPU still runs earlier steps, and DALI's kernels for N+1 run on DALI's stream alongside step N: torch's
+stream is made to wait for them only when N+1 is handed over, after step N was queued. (Taking N+1's outputs
+before step N is queued, as run() does, would put that wait in front of step N: no overlap on the GPU.) An
+iteration scheduled but never taken (an epoch abandoned mid-way) is taken and dropped before the next one is
+scheduled, so it never reaches the next epoch. The batches and their order are unchanged.
 
 Start-up probe: each loader pushes one batch through feed -> run -> DLPack -> sync when it is made, so a DALI
 that builds but cannot run here (a driver too old for the wheel, an allocation failure) fails at once, where the
@@ -114,20 +119,34 @@ class _DaliRunner:
             layout=layout, batch_size=batch_size, num_threads=max(1, min(4, os.cpu_count() or 1)),
             device_id=device_id, prefetch_queue_depth=1, seed=0, exec_dynamic=True)
         self.pipe.build()
+        self.pending = False  # an iteration scheduled and not yet collected
 
     def __call__(self, images_hwc_uint8: torch.Tensor, **args: np.ndarray) -> torch.Tensor:
-        """Run one batch. DALI copies `images_hwc_uint8` (see the module docstring), so it may be freed after."""
+        """Run one batch now (evaluation, the start-up probe)."""
+        self.submit(images_hwc_uint8, **args)
+        return self.collect()
+
+    def submit(self, images_hwc_uint8: torch.Tensor, **args: np.ndarray) -> None:
+        """Feed one batch and schedule its iteration; collect() hands it over. DALI copies `images_hwc_uint8` (see
+        the module docstring), so it may be freed after. An iteration still pending is taken and dropped first."""
+        if self.pending:
+            self.collect()
         if self.on_gpu:
             stream = torch.cuda.current_stream(self.device)
             self.pipe.feed_input("images", images_hwc_uint8, cuda_stream=stream)  # copied on torch's stream
         else:
-            stream = None
             # A CPU torch tensor goes in as a numpy view: for torch tensors DALI 2.4's feed_input looks up
             # torch.cuda.current_stream() even for CPU data, which fails without a GPU.
             self.pipe.feed_input("images", images_hwc_uint8.numpy())
         for name, value in args.items():
             self.pipe.feed_input(name, value)
-        (out,) = self.pipe.run(stream) if stream is not None else self.pipe.run()
+        self.pipe.schedule_run()
+        self.pending = True
+
+    def collect(self) -> torch.Tensor:
+        """The scheduled batch, bound to torch's current stream (on the CPU: host-synchronous)."""
+        self.pending = False
+        (out,) = self.pipe.outputs(torch.cuda.current_stream(self.device) if self.on_gpu else None)
         batch = self._to_torch(out)
         if self.channels_last:
             batch = batch.permute(0, 3, 1, 2)  # (B, H, W, C) contiguous == NCHW in channels_last memory
@@ -136,7 +155,9 @@ class _DaliRunner:
         return batch
 
     def probe(self, images_hwc_uint8: torch.Tensor, spec: AugmentSpec | None) -> None:
-        """One batch through feed -> run -> DLPack, waited for: raises whatever stops DALI from running here."""
+        """One batch through feed -> schedule -> outputs -> DLPack, waited for: raises whatever stops DALI from
+        running here. The cutout box is 1 x 1, as real boxes are at least (an empty erase region is untested
+        on the GPU)."""
         n = len(images_hwc_uint8)
         args = {}
         if spec and spec.pad:
@@ -144,7 +165,8 @@ class _DaliRunner:
         if spec and spec.flip:
             args["mirror"] = np.zeros(n, dtype=np.int32)
         if spec and spec.cutout:
-            args["cutout_anchor"] = args["cutout_shape"] = np.zeros((n, 2), dtype=np.float32)
+            args["cutout_anchor"] = np.zeros((n, 2), dtype=np.float32)
+            args["cutout_shape"] = np.ones((n, 2), dtype=np.float32)
         batch = self(images_hwc_uint8, **args)
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
@@ -185,9 +207,6 @@ class DaliTrainLoader(PlannedTrainLoader):
         self.runner.probe(self.padded[torch.arange(batch_size, device=self.device) % len(images)], augment)
 
     def _batches(self, plan: EpochPlan):
-        return _one_ahead(self._planned_batches(plan))
-
-    def _planned_batches(self, plan: EpochPlan):
         order_dev = torch.from_numpy(plan.order).to(self.device)
         args = {}
         if self.spec.pad:  # crop_pos k/2p: k/2p * 2p == k for the crop offsets 0..2p
@@ -199,11 +218,19 @@ class DaliTrainLoader(PlannedTrainLoader):
             args["cutout_anchor"] = np.ascontiguousarray(plan.boxes[:, :2], dtype=np.float32)
             args["cutout_shape"] = np.ascontiguousarray(plan.boxes[:, 2:] - plan.boxes[:, :2], dtype=np.float32)
         b = self.batch_size
-        for step in range(len(self)):
+
+        def submit(step: int) -> torch.Tensor:
             w = slice(step * b, (step + 1) * b)
             index = order_dev[w]
-            images = self.runner(self.padded[index], **{name: value[w] for name, value in args.items()})
-            yield images, self.labels[index]
+            self.runner.submit(self.padded[index], **{name: value[w] for name, value in args.items()})
+            return self.labels[index]
+
+        labels = submit(0) if len(self) else None
+        for step in range(len(self)):
+            images = self.runner.collect()  # torch's stream waits for it from here: after step - 1 was queued
+            following = submit(step + 1) if step + 1 < len(self) else None  # overlaps the step about to run
+            yield images, labels
+            labels = following
 
 
 class DaliEvalLoader:
@@ -229,12 +256,3 @@ class DaliEvalLoader:
         for images, labels in eval_batches(self.images, self.labels, self.batch_size):
             yield self.runner(images), labels
 
-
-def _one_ahead(batches):
-    """Yield each item of `batches` only after the next one has been produced (see Overlap above)."""
-    end = object()
-    pending = next(batches, end)
-    while pending is not end:
-        following = next(batches, end)
-        yield pending
-        pending = following
