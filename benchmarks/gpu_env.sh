@@ -1,6 +1,7 @@
 # Sourced by gpu_evidence.sh and gpu_sweep.sh (bash): step bookkeeping with time limits, what the GPU machines lack
 # installed from the folders ../shared/tools/device-pack.sh makes, and CIFAR-10 built from .gpu/.
-# Expects OUT (an absolute output folder) and REPO; sets PY, ASSETS, DATA_DIR, DEADLINE, PYTHONPATH.
+# Expects OUT (an absolute output folder) and REPO, and SKIP_DATA=1 where synthetic data will do (smoke runs: no
+# CIFAR-10 build); sets PY, ASSETS, DATA_DIR, HAVE_DATA, PYTHONPATH.
 PY=${PYTHON:-python3} ASSETS=${GPU_CHECK_ASSETS:-$REPO/.gpu} STEPS=$OUT/.steps.tsv
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled PYTHONUNBUFFERED=1
 : >"$STEPS"
@@ -32,13 +33,18 @@ if [ -f "$REPO/.dali4/unpack.sh" ]; then
   (cd "$REPO" && run dali 120 bash .dali4/unpack.sh)
 fi
 export PYTHONPATH=/tmp/site:$PYTHONPATH
+if [ -f "$REPO/.dali4/unpack.sh" ]; then  # a DALI that does not import would only show as skipped tests: say so
+  run dali_import 60 "$PY" -c "import nvidia.dali as d; print('nvidia.dali', d.__version__, d.__file__)"
+fi
 
-# CIFAR-10: DATA_DIR, else OUT/../data when it holds the files, else built into .gpu/data from the carried npz.
+# CIFAR-10: DATA_DIR, else OUT/../data when it holds the files, else built from the carried npz into a folder
+# outside the tree (inside .gpu/ it would make the next call's carry of .gpu exceed the 64 MiB a call takes).
 if [ -z "${DATA_DIR:-}" ]; then
-  DATA_DIR=$ASSETS/data
+  DATA_DIR=${TMPDIR:-/tmp}/fastcifar-cifar10
   [ -f "$OUT/../data/cifar-10-batches-py/data_batch_1" ] && DATA_DIR=$(cd "$OUT/../data" && pwd)
 fi
-if [ ! -f "$DATA_DIR/cifar-10-batches-py/data_batch_1" ] && [ -f "$ASSETS/cifar10_jpeg.npz" ] \
+if [ "${SKIP_DATA:-0}" != 1 ] && [ ! -f "$DATA_DIR/cifar-10-batches-py/data_batch_1" ] \
+   && [ -f "$ASSETS/cifar10_jpeg.npz" ] \
    && [ -f "$ASSETS/build.py" ]; then
   mkdir -p "$DATA_DIR" && run data 120 "$PY" "$ASSETS/build.py" "$DATA_DIR"
 fi

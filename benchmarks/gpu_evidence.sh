@@ -38,6 +38,11 @@
 # Environment: PYTHON, DATA_DIR, GPU_CHECK_ASSETS (see gpu_env.sh); EVIDENCE_BUDGET; EVIDENCE_KEEP_CHECKPOINTS=1
 # keeps the runs' .pt files (removed by default: 130 MB each, and the numbers are in the run's JSON files);
 # EVIDENCE_SMOKE=1: every stage at tiny sizes on synthetic data (the plumbing, on a CPU, in about a minute).
+# EVIDENCE_COMMIT: the commit to record where the tree has no .git (a copied work tree); env.json also records
+# source_sha256, a hash of the tracked sources that `git` can reproduce here for any commit (see benchmarks/README).
+# EVIDENCE_RETURN=DIR: after every stage, DIR gets summary.md, summary.json, gpu_evidence.log, evidence.tgz (all of
+# OUT but the checkpoints and the profiles) and profile-b128.tgz, profile-b512.tgz: six files, for a machine that
+# brings back only a few files from one folder (the lent GPU machines: 8 files, 16 MiB each).
 set -u
 OUT=${1:?usage: benchmarks/gpu_evidence.sh OUT_DIR [--from STAGE]}
 FROM=env
@@ -48,7 +53,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 REPO=$(cd "$(dirname "$0")/.." && pwd) && cd "$REPO" || exit 1
 SMOKE=${EVIDENCE_SMOKE:-0}
 exec > >(tee -a "$OUT/gpu_evidence.log") 2>&1
-. "$REPO/benchmarks/gpu_env.sh"  # set-up: wheels, DALI, CIFAR-10 (its own time limits)
+SKIP_DATA=$SMOKE . "$REPO/benchmarks/gpu_env.sh"  # set-up: wheels, DALI, CIFAR-10 (its own time limits)
 SETUP_S=$SECONDS
 BUDGET=${EVIDENCE_BUDGET:-480}
 [ "$BUDGET" -gt $((540 - SETUP_S)) ] && BUDGET=$((540 - SETUP_S))
@@ -59,13 +64,29 @@ log "repo $REPO, out $OUT, python $PY, smoke=$SMOKE, set-up ${SETUP_S}s, budget 
 wanted() {  # wanted STAGE: at or after --from
   local s; for s in "${STAGES[@]}"; do [ "$s" = "$FROM" ] && return 0; [ "$s" = "$1" ] && return 1; done
 }
-summarise() { "$PY" "$REPO/benchmarks/evidence_summary.py" "$OUT" || log "summary failed"; }
+summarise() { "$PY" "$REPO/benchmarks/evidence_summary.py" "$OUT" || log "summary failed"; bring_back; }
+bring_back() {  # EVIDENCE_RETURN: a few whole files, each replaced atomically, so a kill leaves the last good set
+  local dest=${EVIDENCE_RETURN:-} d inside=()
+  [ -n "$dest" ] || return 0
+  dest=$(mkdir -p "$dest" && cd "$dest" && pwd) || return 0
+  case "$dest/" in "$OUT"/*) inside=(--exclude="./${dest#"$OUT"/}") ;; esac  # never pack the packs
+  for f in summary.md summary.json gpu_evidence.log; do
+    [ -f "$OUT/$f" ] && cp "$OUT/$f" "$dest/.$f" && mv "$dest/.$f" "$dest/$f"
+  done
+  tar czf "$dest/.evidence.tgz" -C "$OUT" --exclude='*.pt' --exclude='./profile-b*' "${inside[@]}" . &&
+    mv "$dest/.evidence.tgz" "$dest/evidence.tgz"
+  for d in "$OUT"/profile-b*/; do
+    [ -d "$d" ] || continue
+    d=$(basename "$d")
+    tar czf "$dest/.$d.tgz" -C "$OUT" --exclude='*.pt' "$d" && mv "$dest/.$d.tgz" "$dest/$d.tgz"
+  done
+}
 drop_checkpoints() { [ "${EVIDENCE_KEEP_CHECKPOINTS:-0}" = 1 ] || find "$OUT" -name '*.pt' -delete; }
 
-if [ "$HAVE_DATA" = 1 ]; then
-  DATA=(--data-dir "$DATA_DIR" --no-download)
-elif [ "$SMOKE" = 1 ]; then
+if [ "$SMOKE" = 1 ]; then
   DATA=(--dataset synthetic --synthetic-size 32); record data synthetic 0 "SMOKE: synthetic data"
+elif [ "$HAVE_DATA" = 1 ]; then
+  DATA=(--data-dir "$DATA_DIR" --no-download)
 else
   DATA=(); record data missing 0 "no CIFAR-10 in $DATA_DIR and no $ASSETS/cifar10_jpeg.npz + build.py: no training"
 fi
@@ -86,13 +107,17 @@ def version(module):
 def cmd(*args):
     if shutil.which(args[0]):
         return subprocess.run(args, capture_output=True, text=True).stdout.strip() or None
+sys.path.insert(0, "benchmarks")
+from evidence_summary import source_sha256
 import torch
 cuda = torch.cuda.is_available()
 env = {"nvidia_smi": cmd("nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"),
        "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
        "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
        "dali": version("nvidia.dali"), "fvcore": version("fvcore"), "wandb": version("wandb"),
-       "pytest_benchmark": version("pytest_benchmark"), "commit": cmd("git", "rev-parse", "--short", "HEAD"),
+       "pytest_benchmark": version("pytest_benchmark"),
+       "commit": os.environ.get("EVIDENCE_COMMIT") or cmd("git", "rev-parse", "--short", "HEAD"),
+       "source_sha256": source_sha256("."),
        "cpu_count": os.cpu_count(), "smoke": sys.argv[2] == "1"}
 json.dump(env, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(env))

@@ -11,7 +11,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 REPO=$(cd "$(dirname "$0")/.." && pwd) && cd "$REPO" || exit 1
 DEADLINE=$((SECONDS + 470))
 exec > >(tee -a "$OUT/gpu_sweep.log") 2>&1
-. "$REPO/benchmarks/gpu_env.sh"
+SKIP_DATA=${GPU_SWEEP_SMOKE:-0} . "$REPO/benchmarks/gpu_env.sh"
 ARGS=(--budget "${GPU_SWEEP_BUDGET:-400}" --seeds "${GPU_SWEEP_SEEDS:-3}")
 [ -n "${GPU_SWEEP_VARIANTS:-}" ] && ARGS+=(--variants "$GPU_SWEEP_VARIANTS")
 if [ "${GPU_SWEEP_SMOKE:-0}" = 1 ]; then

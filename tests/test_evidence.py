@@ -25,7 +25,7 @@ def evidence(out, *args, **env):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("evidence")
-    result = evidence(out)
+    result = evidence(out, EVIDENCE_RETURN=str(out / "return"), EVIDENCE_COMMIT="abc1234")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, json.loads((out / "summary.json").read_text()), result.stdout
 
@@ -51,6 +51,40 @@ def test_the_smoke_run_passes_every_stage_and_writes_the_summary(smoke):
     assert "| claim | measured | verdict |" in md and "SMOKE" in md and md in stdout
     for claim in summary["claims"]:
         assert f"| {claim['claim']} | {claim['measured']} | {claim['verdict']} |" in md
+
+
+def test_what_comes_back_is_six_small_files_and_the_run_is_tied_to_its_sources(smoke):
+    """EVIDENCE_RETURN: a machine that brings back 8 files of 16 MiB from one folder gets everything but the
+    checkpoints in six; a copied tree without .git still records its commit (given) and its sources' hash."""
+    import tarfile
+
+    out, summary, _ = smoke
+    back = out / "return"
+    assert sorted(p.name for p in back.iterdir()) == ["evidence.tgz", "gpu_evidence.log", "profile-b128.tgz",
+                                                      "profile-b512.tgz", "summary.json", "summary.md"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in back.iterdir())
+    assert (back / "summary.md").read_text() == (out / "summary.md").read_text()
+    with tarfile.open(back / "evidence.tgz") as tar:
+        names = tar.getnames()
+    assert "./run-worksheet/metrics.jsonl" in names and "./env.json" in names
+    assert not [n for n in names if n.endswith(".pt") or "profile-b" in n or n.startswith("./return")]
+    with tarfile.open(back / "profile-b512.tgz") as tar:
+        assert "profile-b512/profile/profile.txt" in tar.getnames()
+    assert summary["env"]["commit"] == "abc1234" and summary["commit"] == "abc1234"
+    assert summary["env"]["source_sha256"] == evidence_summary.source_sha256(str(REPO))
+
+
+def test_the_source_hash_follows_the_sources(tmp_path):
+    for d in ("fastcifar", "benchmarks"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "fastcifar" / "a.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "b.sh").write_text("true\n")
+    (tmp_path / "fastcifar" / "notes.txt").write_text("not a source")
+    first = evidence_summary.source_sha256(str(tmp_path))
+    (tmp_path / "fastcifar" / "notes.txt").write_text("changed, still not a source")
+    assert evidence_summary.source_sha256(str(tmp_path)) == first
+    (tmp_path / "fastcifar" / "a.py").write_text("x = 2\n")
+    assert evidence_summary.source_sha256(str(tmp_path)) != first
 
 
 def test_an_unknown_stage_is_one_error(tmp_path):
