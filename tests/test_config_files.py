@@ -136,7 +136,7 @@ def test_limit_steps_trains_and_evaluates_only_that_many_batches(tmp_path, cli):
     # eval names only the subset it took (it once said "subset 32 train" of a training set it never loaded)
     result = cli("eval", run / "last.pt", "--test-subset", "10")
     assert result.returncode == 0 and "SYNTHETIC data (64 train / 32 test, not CIFAR-10), subset 10 test" in \
-        result.stdout, result.stdout
+        " ".join(result.stdout.split()), result.stdout  # wrapped to the terminal's width
     images, labels = torch.zeros(20, 32, 32, 3, dtype=torch.uint8).numpy(), torch.arange(20).numpy() % 10
     loader = make_eval_loader("torch", images, labels, 8, torch.device("cpu"))
     assert (len(LimitedEvalLoader(loader, 2)), LimitedEvalLoader(loader, 2).num_images) == (2, 16)

@@ -35,10 +35,10 @@ before step N is queued, as run() does, would put that wait in front of step N: 
 iteration scheduled but never taken (an epoch abandoned mid-way) is taken and dropped before the next one is
 scheduled, so it never reaches the next epoch. The batches and their order are unchanged.
 
-Start-up probe: each loader pushes one batch through feed -> run -> DLPack -> sync when it is made, so a DALI
-that builds but cannot run here (a driver too old for the wheel, an allocation failure) fails at once, where the
-trainer can fall back to the torch loader (--loader auto) or stop with one message (--loader dali), and never in
-the middle of the first epoch.
+Start-up probe: each loader pushes one batch through feed -> schedule -> outputs -> DLPack -> sync when it is
+made, so a DALI that builds but cannot run here (a driver too old for the wheel, an allocation failure) fails at
+once, where the trainer can fall back to the torch loader (--loader auto) or stop with one message (--loader
+dali), and never in the middle of the first epoch.
 
 Randomness: the epoch plan (plan.py) is drawn on the host from (seed, epoch) and fed as per-sample argument
 inputs (DALI wants argument inputs in CPU memory even for a GPU operator, and they are a few numbers per image),
