@@ -31,7 +31,7 @@ def layer_kind(module: nn.Module) -> str:
 
 def parameterised_layers(model: nn.Module) -> list[tuple[str, list[torch.nn.Parameter]]]:
     """(module name, its own parameters) for every module that owns parameters, in registration order,
-    which for torchvision's ResNet is forward order (stem, layer1..4, fc)."""
+    which for this ResNet (model.py) is forward order (stem, layer1..4, fc)."""
     layers = []
     for name, module in model.named_modules():
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]

@@ -10,11 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock
 
 from fastcifar import FastCifarError, flops
 from fastcifar.cli import add_flops_arguments
-from fastcifar.model import CIFAR_RESNET18_PARAMS
+from fastcifar.model import CIFAR_RESNET18_PARAMS, BasicBlock
 
 CIFAR_MACS = 555_422_720  # conv+linear MACs per image of the CIFAR ResNet-18 at 32x32
 IMAGENET_224_MACS = 1_814_073_344  # torchvision's published 1.81 GFLOPS (fused multiply-adds) for resnet18
