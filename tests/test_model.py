@@ -56,3 +56,20 @@ def test_the_written_out_network_is_torchvisions_bit_for_bit(num_classes, stem, 
 def test_unknown_stem_is_an_error():
     with pytest.raises(ValueError, match="unknown stem"):
         resnet18_cifar(stem="tiny")
+
+
+def test_eval_loads_neither_torchvision_nor_dynamo(tmp_path):
+    """Importing torchvision pulls in torch._dynamo: about 1.4 s of a command's start on a CPU, which `fastcifar eval`
+    never needs. Behaviour, not time: the modules are not loaded."""
+    import subprocess
+    import sys
+
+    from support import tiny_config
+    from fastcifar.train import fit
+
+    fit(tiny_config(tmp_path / "r", epochs=1, monitor=False))
+    code = (f"import sys; from fastcifar.cli import main; main(['eval', {str(tmp_path / 'r' / 'best.pt')!r}]); "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
