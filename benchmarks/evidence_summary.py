@@ -140,6 +140,16 @@ def _s(x):
     return "—" if x is None else f"{x:.2f} s"
 
 
+def dali_missing(s: dict) -> str | None:
+    """Why DALI cannot have been measured, or None when it was there."""
+    step = s["stages"].get("dali_import")
+    if step and step["status"] != "ok":
+        return "DALI did not import after its set-up (the dali_import step; gpu_evidence.log says why)"
+    if not s["env"].get("dali"):
+        return "DALI is not installed on this machine (its parts were not carried: benchmarks/README.md)"
+    return None
+
+
 def claims(s: dict) -> list[tuple[str, str, str]]:
     """(claim, measured, verdict) rows of summary.md."""
     h100 = "H100" in (s.get("device") or "")
@@ -192,8 +202,7 @@ def claims(s: dict) -> list[tuple[str, str, str]]:
             rows.append((claim, f"DALI / torch = {ratio:.3f}", "met" if ratio <= TARGETS["dali_vs_torch"] else
                          "missed"))
         else:
-            why = ("DALI does not import on this machine (see the set-up's dali_import step)" if not s["env"].get("dali")
-                   else "no DALI and torch epoch benchmarks at this batch")
+            why = dali_missing(s) or "no DALI and torch epoch benchmarks at this batch"
             rows.append((claim, f"not measured: {why}", "—"))
     m = b.get("test_monitoring[on]", {})
     if "overhead_pct_vs_off" in m:

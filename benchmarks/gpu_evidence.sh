@@ -10,7 +10,8 @@
 #   4 fast         the fast recipe, seeds 0,1,2 x 15 epochs in one process (run-fast/seed-K/)
 #   5 benchmarks   the epoch per loader (torch, DALI) at batch 128 and 512, monitoring on/off, step modes
 #   6 profile      fastcifar train --profile at batch 128 (worksheet) and 512 (fast) (profile-b128/, -b512/)
-# --from STAGE starts at that stage (a second call for what the first one's budget left out).
+# --from STAGE starts at that stage (a second call for what the first one's budget left out); env is recorded
+# anyway where OUT_DIR has no env.json, so every call's figures name their machine and code.
 #
 # Budget: EVIDENCE_BUDGET seconds (default 480, and never more than 540 minus the set-up's time: the lent
 # machines allow 10 minutes a command and one is kept spare), counted from the END of set-up (wheels, DALI's
@@ -50,6 +51,10 @@ FROM=env
 STAGES=(env correctness worksheet fast benchmarks profile)
 case " ${STAGES[*]} " in *" $FROM "*) ;; *) echo "unknown stage $FROM: one of ${STAGES[*]}" >&2; exit 2 ;; esac
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
+if [ -n "${EVIDENCE_RETURN:-}" ] && [ "$(mkdir -p "$EVIDENCE_RETURN" && cd "$EVIDENCE_RETURN" && pwd)" = "$OUT" ]; then
+  echo "EVIDENCE_RETURN must be another folder than OUT_DIR ($OUT): it receives a packed copy of OUT_DIR" >&2
+  exit 2
+fi
 REPO=$(cd "$(dirname "$0")/.." && pwd) && cd "$REPO" || exit 1
 SMOKE=${EVIDENCE_SMOKE:-0}
 exec > >(tee -a "$OUT/gpu_evidence.log") 2>&1
@@ -73,12 +78,15 @@ bring_back() {  # EVIDENCE_RETURN: a few whole files, each replaced atomically, 
   for f in summary.md summary.json gpu_evidence.log; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$dest/.$f" && mv "$dest/.$f" "$dest/$f"
   done
-  tar czf "$dest/.evidence.tgz" -C "$OUT" --exclude='*.pt' --exclude='./profile-b*' "${inside[@]}" . &&
-    mv "$dest/.evidence.tgz" "$dest/evidence.tgz"
+  # exit 1 is GNU tar's "a file changed as it was read" (the log being appended): the archive is still whole
+  tar czf "$dest/.evidence.tgz" --warning=no-file-changed -C "$OUT" --exclude='*.pt' --exclude='./profile-b*' \
+    "${inside[@]}" .
+  if [ $? -le 1 ]; then mv "$dest/.evidence.tgz" "$dest/evidence.tgz"; else rm -f "$dest/.evidence.tgz"; fi
   for d in "$OUT"/profile-b*/; do
     [ -d "$d" ] || continue
     d=$(basename "$d")
-    tar czf "$dest/.$d.tgz" -C "$OUT" --exclude='*.pt' "$d" && mv "$dest/.$d.tgz" "$dest/$d.tgz"
+    tar czf "$dest/.$d.tgz" --warning=no-file-changed -C "$OUT" --exclude='*.pt' "$d"
+    if [ $? -le 1 ]; then mv "$dest/.$d.tgz" "$dest/$d.tgz"; else rm -f "$dest/.$d.tgz"; fi
   done
 }
 drop_checkpoints() { [ "${EVIDENCE_KEEP_CHECKPOINTS:-0}" = 1 ] || find "$OUT" -name '*.pt' -delete; }
@@ -96,7 +104,7 @@ if [ "$SMOKE" = 1 ]; then  # tiny and eager: the plumbing, not the numbers
   WS_EPOCHS=2 FAST_EPOCHS=2 SMALL=(--batch-size 16 --eval-batch-size 16 --no-monitor) SMALL_FAST=(--warmup-epochs 1)
 fi
 
-if wanted env; then
+if wanted env || [ ! -f "$OUT/env.json" ]; then  # always recorded: a --from call's figures need their machine
   run env "$(budget 30 0)" "$PY" - "$OUT/env.json" "$SMOKE" <<'EOF'
 import json, os, platform, shutil, subprocess, sys
 def version(module):
@@ -206,3 +214,4 @@ fi
 summarise
 log "done in ${SECONDS}s (set-up ${SETUP_S}s): $OUT/summary.md"
 cat "$OUT/summary.md"
+bring_back  # once more, so the log brought back shows the end

@@ -321,9 +321,11 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     tta = f" | flip TTA: accuracy {100 * result['test_acc_tta']:.2f} %, loss {result['test_loss_tta']:.4f}" \
         if args.tta == "flip" else ""
-    print(textwrap.fill(f"{result['checkpoint']} ({result['weights']}, epoch {result['epoch']}) on "
-                        f"{result['dataset']}:", WIDTH, subsequent_indent="    ", break_long_words=False,
-                        break_on_hyphens=False))
+    # the path stays whole on the first line (it may hold spaces); the dataset's description wraps after it
+    what = f"{result['checkpoint']} ({result['weights']}, epoch {result['epoch']})"
+    on = f"on {result['dataset']}:"
+    print(f"{what} {on}" if len(what) + 1 + len(on) <= WIDTH else
+          what + "\n" + textwrap.fill(on, WIDTH, initial_indent="    ", subsequent_indent="    "))
     print(f"test accuracy {100 * result['test_acc']:.2f} %, loss {result['test_loss']:.4f} over "
           f"{result['test_images']:,} images{tta}")
     return 0

@@ -6,6 +6,7 @@ observed spread; then the configuration flags that differ. Reads the directories
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from fastcifar import FastCifarError
@@ -120,9 +121,12 @@ def format_comparison(result: dict) -> str:
                 lo, hi = (scale * v for v in m["ci95"])
                 diff += f" (95 % CI {lo:+.{digits}f} to {hi:+.{digits}f}), Welch's t-test p = {m['p']:.3g}"
             lines.append(f"  B − A: {diff}")
-        said = f"  {verdict(m)}"
         # a terminal line stays within 120 columns: what would make it distinguishable goes on a line of its own
-        lines += said.replace("; ", ";\n    ", 1).split("\n") if len(said) > WIDTH else [said]
+        said = verdict(m)
+        head, sep, advice = said.partition("; ") if len(said) + 2 > WIDTH else (said, "", "")
+        wrap = dict(width=WIDTH, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+        lines += textwrap.wrap(head + sep.strip(), initial_indent="  ", **wrap)
+        lines += textwrap.wrap(advice, initial_indent="    ", **wrap)
     lines.append("")
     if result["config_diff"]:
         flags = {"--" + k.replace("_", "-"): v for k, v in result["config_diff"].items()}

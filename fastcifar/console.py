@@ -246,8 +246,9 @@ class SurvivingStream:
     def _lose(self, exc: Exception) -> None:
         self.gone = True
         if self not in (sys.stdout, sys.stderr):
-            # written after surviving_output() ended (a logging handler keeps the stream it was made with), so the
-            # stream is no longer this process's: its descriptor may be another file's now, and no note is due
+            # written after surviving_output() ended (a logging handler keeps the stream it was made with): the
+            # stream may have been closed and its descriptor number reused by another file, which must not be
+            # pointed at /dev/null; and the note is for the command that was running, which is over
             return
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -3,8 +3,9 @@
 The network is written out here, module for module as torchvision's `resnet18` builds it (the same names, the same
 order, the same initialisation drawing the same random numbers), rather than imported: importing torchvision costs
 a command about 1.4 s on a CPU (its package import pulls in torch._dynamo, which `fastcifar eval` and `predict`
-never otherwise load; a training run loads dynamo with its optimizer, and saves torchvision's own ~0.3 s). tests/test_model.py checks that, for a seed, the weights,
-buffers, names and outputs equal torchvision's bit for bit, so checkpoints and results are interchangeable.
+never otherwise load; a training run loads dynamo with its optimizer, and saves torchvision's own ~0.3 s).
+tests/test_model.py checks that, for a seed, the weights, buffers, names and outputs equal torchvision's bit for
+bit, so checkpoints and results are interchangeable.
 
 Imports nothing from fastcifar, so the FLOPs counter and the trainer share one definition.
 """

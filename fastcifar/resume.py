@@ -39,26 +39,30 @@ class ResumePath:
         if not self.dir.holds_run():
             return None, None
         try:
-            saved = self.dir.read_json("config.json")["config"]
+            document = self.dir.read_json("config.json")
+            saved = document["config"]
         except (FastCifarError, KeyError, TypeError):
             raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run without a readable config.json: "
                                  f"it cannot be checked against this command; choose another --run-dir.") from None
-        warmup = self._saved_recipe_warmup(saved)
+        warmup = self._saved_recipe_warmup(saved, document.get("extended") or [])
         differ = differing_flags(saved, self.cfg if warmup is None else replace(self.cfg, warmup_epochs=warmup))
         if differ:
             raise FastCifarError(f"--resume-if-exists: {self.dir.path} holds a run of another configuration; these "
                                  f"flags differ from its config.json: {', '.join(differ)}.")
         return ("last.pt", warmup) if self.dir.file("last.pt").is_file() else (None, None)
 
-    def _saved_recipe_warmup(self, saved: dict) -> float | None:
+    def _saved_recipe_warmup(self, saved: dict, extended: list) -> float | None:
         """A recipe's warm-up follows --epochs (config.recipe_warmup): a restarted command with another --epochs
-        computes another one. Where both are that share, the run keeps its own, as `--resume --epochs` does."""
-        cfg, recipe = self.cfg, saved.get("recipe")
-        if recipe != cfg.recipe or recipe not in RECIPES or saved.get("epochs") == cfg.epochs:
+        computes another one. Where the run's is the share of the --epochs it started with (an extension keeps it,
+        so later restarts of the same command meet it again) and the command's is the share of its own --epochs,
+        the run keeps its own, as `--resume --epochs` does."""
+        cfg, recipe, warmup = self.cfg, saved.get("recipe"), saved.get("warmup_epochs")
+        if recipe != cfg.recipe or recipe not in RECIPES or warmup == cfg.warmup_epochs:
             return None
-        if saved.get("warmup_epochs") == recipe_warmup(recipe, saved.get("epochs")) != cfg.warmup_epochs == \
-                recipe_warmup(recipe, cfg.epochs):
-            return saved["warmup_epochs"]
+        started_with = extended[0].get("from_epochs") if extended else saved.get("epochs")
+        if started_with and warmup == recipe_warmup(recipe, started_with) and \
+                cfg.warmup_epochs == recipe_warmup(recipe, cfg.epochs):
+            return warmup
         return None
 
     def _open_resume(self) -> None:

@@ -163,3 +163,4 @@ def test_train_eval_and_flops_on_cifar100_through_the_cli(fake100, tmp_path, cap
     assert main(["eval", str(run / "best.pt"), "--no-download", "--test-subset", "10"]) == 0
     out = capsys.readouterr().out  # a long path and the dataset's description: wrapped to a terminal's width
     assert f"{100 * result['test_acc']:.2f} %" in out and max(map(len, out.splitlines())) <= 120, out
+    assert out.startswith(f"{run / 'best.pt'} (weights, epoch 0)")  # the path whole, pasteable

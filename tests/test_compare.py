@@ -121,6 +121,24 @@ def test_compare_a_single_run_cannot_tell(tmp_path, capsys):
     assert "cannot tell: n=1 vs 3" in capsys.readouterr().out
 
 
+def test_every_verdict_fits_120_columns_whole_words_kept():
+    """The longest verdicts (a single run against 100; advice on seeds) wrap within a terminal's width."""
+    from fastcifar.compare import format_comparison
+
+    side = lambda n: {"n": n, "mean": 0.94, "std": None if n == 1 else 0.001}  # noqa: E731
+    metrics = {"best_test_acc": {"a": side(1), "b": side(100), "diff": 0.0, "ci95": None, "p": None,
+                                 "distinguishable": False},
+               "final_test_acc": {"a": side(3), "b": side(3), "diff": 1e-4, "ci95": [-1e-3, 1e-3], "p": 0.812,
+                                  "distinguishable": False, "seeds_needed": None}}
+    text = format_comparison({"a": {"path": "runs/a", "kind": "run", "runs": 1},
+                              "b": {"path": "runs/b", "kind": "group", "runs": 100}, "metrics": metrics,
+                              "config_diff": {}})
+    assert max(map(len, text.splitlines())) <= 120, text
+    words = " ".join(text.split())
+    assert "cannot tell: n=1 vs 100, a single run has no spread to judge the difference against (train each with " \
+        "--seeds 3 or more)" in words and "even 1000 seeds per side would not at the observed spread" in words
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.mkdir(), "holds no summary.json"),
     (lambda p: (p.mkdir(), (p / "summary.json").write_text("{")), "missing or unreadable"),

@@ -161,6 +161,9 @@ def test_resume_if_exists_keeps_a_recipes_warm_up_when_epochs_change(tmp_path, c
     assert "resuming at epoch 1" in capsys.readouterr().out
     config = json.loads((run / "config.json").read_text())["config"]
     assert config["epochs"] == 4 and config["warmup_epochs"] == warmup  # not 2 * 4 / 15
+    assert main([*flags, "--epochs", "4"]) == 0, capsys.readouterr().err  # restarted again: still the same run
+    assert "resuming at epoch 2" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["config"]["warmup_epochs"] == warmup
     assert main([*flags, "--epochs", "4", "--warmup-epochs", "1"]) == 1  # a warm-up given is a change: refused
     assert "these flags differ from its config.json: --warmup-epochs." in capsys.readouterr().err
 

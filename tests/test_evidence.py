@@ -87,6 +87,36 @@ def test_the_source_hash_follows_the_sources(tmp_path):
     assert evidence_summary.source_sha256(str(tmp_path)) != first
 
 
+def _summary(env: dict, stages: dict, correctness: dict | None) -> dict:
+    return {"env": env, "device": env.get("gpu"), "stages": stages, "correctness": correctness, "train": {},
+            "benchmarks": {}, "profiles": {}}
+
+
+def test_on_a_gpu_a_skipped_correctness_test_is_incomplete_and_a_missing_dali_says_why():
+    """DALI's CUDA-only tests skip where DALI does not import: on a GPU that is a missing answer, not a pass; the
+    DALI rows say which of the reasons it was."""
+    passed = {"passed": 3, "failed": 0, "error": 0, "skipped": 2}
+    gpu = {"gpu": "NVIDIA H200", "dali": None}
+    rows = {c: (m, v) for c, m, v in evidence_summary.claims(_summary(gpu, {}, passed))}
+    assert rows["CUDA-only correctness tests pass"][1].startswith("incomplete: 2 skipped")
+    dali = rows["DALI epoch within 3 % of the torch loader's at batch 128"]
+    assert dali == ("not measured: DALI is not installed on this machine (its parts were not carried: "
+                    "benchmarks/README.md)", "—")
+    failed_import = {"dali_import": {"status": "failed (exit 1)", "seconds": 2}}
+    rows = {c: m for c, m, v in evidence_summary.claims(_summary(gpu, failed_import, passed))}
+    assert "DALI did not import after its set-up" in rows["DALI epoch within 3 % of the torch loader's at batch 512"]
+    cpu = {c: v for c, m, v in evidence_summary.claims(_summary({"gpu": None, "dali": "2.4.0"}, {}, passed))}
+    assert cpu["CUDA-only correctness tests pass"] == "pass"  # on a CPU they skip by design
+    all_ran = {**passed, "passed": 5, "skipped": 0}
+    assert {c: v for c, m, v in evidence_summary.claims(_summary(gpu, {}, all_ran))}[
+        "CUDA-only correctness tests pass"] == "pass"
+
+
+def test_a_return_folder_that_is_the_output_folder_is_refused(tmp_path):
+    result = evidence(tmp_path / "out", EVIDENCE_RETURN=str(tmp_path / "out"))
+    assert result.returncode == 2 and "EVIDENCE_RETURN must be another folder than OUT_DIR" in result.stderr
+
+
 def test_an_unknown_stage_is_one_error(tmp_path):
     result = evidence(tmp_path, "--from", "everything")
     assert result.returncode == 2 and "unknown stage everything" in result.stderr
