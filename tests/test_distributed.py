@@ -199,26 +199,26 @@ def test_two_ranks_of_64_take_the_images_of_one_process_of_128_each_step():
         assert not np.array_equal(ranks[0].order, ranks[1].order)
 
 
-SYNC_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "384", "--epochs", "1", "--optimizer", "sgd", "--lr",
+SYNC_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "192", "--epochs", "1", "--optimizer", "sgd", "--lr",
               "0.05", "--no-monitor", "--channels-last", "off", "--wandb", "off", "--no-report", "--progress", "off",
               "--target-acc", "0.05"]
 
 
 @needs_torchrun
-def test_sync_bn_two_ranks_of_64_train_like_one_process_of_128(tmp_path):
-    """3 steps of 2 ranks x 64 with --sync-bn and of 1 process x 128: the same weights, metrics, evaluation and
-    checkpoints. Tolerance: 0.25 of the weight update (|dw_2 - dw_1| / |dw_1|). float32 rounding alone moves this
-    network that much: one process, channels_last on vs off, differs by 0.10 after these 3 steps (in float64 the
-    gradients agree to 1e-10: the test below); without --sync-bn the difference is 0.73 (per-rank statistics)."""
+def test_sync_bn_two_ranks_of_32_train_like_one_process_of_64(tmp_path):
+    """3 steps of 2 ranks x 32 with --sync-bn and of 1 process x 64: the same weights, metrics, evaluation and
+    checkpoints. Tolerance: 0.05 of the weight update (|dw_2 - dw_1| / |dw_1|), for float32 rounding (the summation
+    orders differ; in float64 the gradients agree to 1e-10: the test below). Measured on the 2-core VM (the runs are
+    deterministic): 0.005 with --sync-bn, 0.107 without it (per-rank statistics), whose test loss is also 31 % off."""
     from fastcifar.cli import main
     from fastcifar.evaluation import evaluate_checkpoint
     from fastcifar.model import resnet18_cifar
 
     one, two = tmp_path / "one", tmp_path / "two"
-    result = torchrun("train", *SYNC_FLAGS, "--batch-size", "64", "--sync-bn", "--run-dir", str(two))
+    result = torchrun("train", *SYNC_FLAGS, "--batch-size", "32", "--sync-bn", "--run-dir", str(two))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sync-bn" in result.stdout  # the header's active line
-    assert main(["train", *SYNC_FLAGS, "--batch-size", "128", "--run-dir", str(one)]) == 0
+    assert main(["train", *SYNC_FLAGS, "--batch-size", "64", "--run-dir", str(one)]) == 0
 
     torch.manual_seed(0)
     start = resnet18_cifar().state_dict()
@@ -226,13 +226,13 @@ def test_sync_bn_two_ranks_of_64_train_like_one_process_of_128(tmp_path):
     assert a.keys() == b.keys()
     update = {k: (a[k] - start[k]).double() for k in a if a[k].is_floating_point()}
     apart = sum(((a[k] - b[k]).double() ** 2).sum() for k in update) ** 0.5
-    assert apart <= 0.25 * sum((u ** 2).sum() for u in update.values()) ** 0.5
+    assert apart <= 0.05 * sum((u ** 2).sum() for u in update.values()) ** 0.5
 
     config = [json.loads((run / "config.json").read_text())["resolved"] for run in (one, two)]
     assert [(c["global_batch_size"], c["steps_per_epoch"], c["trained_images_per_epoch"]) for c in config] == \
-        [(128, 3, 384)] * 2
+        [(64, 3, 192)] * 2
     (row_1,), (row_2,) = jsonl(one), jsonl(two)
-    assert row_1.keys() == row_2.keys() and row_1["train_images"] == row_2["train_images"] == 384
+    assert row_1.keys() == row_2.keys() and row_1["train_images"] == row_2["train_images"] == 192
     for key in ("train_loss", "test_loss"):
         assert row_2[key] == pytest.approx(row_1[key], rel=0.03), key
     for key in ("train_acc", "test_acc"):
@@ -240,7 +240,7 @@ def test_sync_bn_two_ranks_of_64_train_like_one_process_of_128(tmp_path):
     steps_1, steps_2 = jsonl(one, "steps.jsonl"), jsonl(two, "steps.jsonl")
     assert [r["step"] for r in steps_1] == [r["step"] for r in steps_2] == [0, 1, 2]
     assert steps_2[0]["loss"] == pytest.approx(steps_1[0]["loss"], rel=1e-4)  # the same weights, the same batch
-    # the sharded evaluation of 2 ranks (192 test images, 96 each, padded batches) equals one process's
+    # the sharded evaluation of 2 ranks (96 test images, 48 each, padded batches) equals one process's
     alone = evaluate_checkpoint(two / "last.pt", device="cpu")
     assert alone["test_acc"] == row_2["test_acc"] and alone["test_loss"] == pytest.approx(row_2["test_loss"], 1e-5)
     summaries = [json.loads((run / "summary.json").read_text()) for run in (one, two)]
