@@ -534,33 +534,42 @@ def test_fp32_batches_kept_on_a_busy_gpu_unsynchronised_stay_correct(kind):
         assert (got - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("asked", ["auto", "dali"])
-def test_dali_that_imports_but_cannot_start_falls_back_under_auto_and_is_one_error_when_asked(asked, monkeypatch):
-    """E.g. a DALI wheel built for a newer CUDA than the driver: `import nvidia.dali` works, building fails."""
+def _start_where_dali_fails(asked: str, match: str) -> list[str] | None:
+    """Build a session as on a CUDA machine where auto picks DALI, with DALI made to fail by the caller: --loader
+    dali must be one error matching `match`; auto falls back to the torch loader, and its notices are returned."""
     from fastcifar import FastCifarError
     from fastcifar.config import build_config, resolve
-    from fastcifar.data import dali
     from fastcifar.data.cifar import load_dataset
     from fastcifar.distributed import DistInfo
     from fastcifar.train import build_session
+
+    cfg = build_config(dataset="synthetic", synthetic_size=32, batch_size=8, wandb="off", loader=asked)
+    res = resolve(cfg)
+    res.loader = "dali"  # what auto resolves to on a CUDA machine where DALI imports
+    notices = []
+    ds = load_dataset("synthetic", synthetic_size=32)
+    if asked == "dali":
+        with pytest.raises(FastCifarError, match=match):
+            build_session(cfg, DistInfo(), ds, res, notice=notices.append)
+        return None
+    s = build_session(cfg, DistInfo(), ds, res, notice=notices.append)
+    assert res.loader == "torch" and type(s.train_loader).__name__ == "TorchTrainLoader"
+    return notices
+
+
+@pytest.mark.parametrize("asked", ["auto", "dali"])
+def test_dali_that_imports_but_cannot_start_falls_back_under_auto_and_is_one_error_when_asked(asked, monkeypatch):
+    """E.g. a DALI wheel built for a newer CUDA than the driver: `import nvidia.dali` works, building fails."""
+    from fastcifar.data import dali
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
 
     monkeypatch.setattr(dali, "DaliTrainLoader", broken)
-    cfg = build_config(dataset="synthetic", synthetic_size=32, batch_size=8, wandb="off", loader=asked)
-    res = resolve(cfg) if asked == "dali" else resolve(build_config(dataset="synthetic", loader="torch"))
-    res.loader = "dali"  # what auto resolves to on a CUDA machine where DALI imports
-    notices = []
-    ds = load_dataset("synthetic", synthetic_size=32)
-    if asked == "dali":
-        with pytest.raises(FastCifarError, match="--loader dali: DALI failed to start .*driver version"):
-            build_session(cfg, DistInfo(), ds, res, notice=notices.append)
-        return
-    s = build_session(cfg, DistInfo(), ds, res, notice=notices.append)
-    assert res.loader == "torch" and type(s.train_loader).__name__ == "TorchTrainLoader"
-    assert notices == ["loader: torch (GPU-resident torch ops), not DALI: DALI failed to start (RuntimeError: CUDA "
-                       "driver version is insufficient for CUDA runtime version)"]
+    notices = _start_where_dali_fails(asked, "--loader dali: DALI failed to start .*driver version")
+    if asked == "auto":
+        assert notices == ["loader: torch (GPU-resident torch ops), not DALI: DALI failed to start (RuntimeError: "
+                           "CUDA driver version is insufficient for CUDA runtime version)"]
 
 
 @pytest.mark.parametrize("asked", ["auto", "dali"])
@@ -571,27 +580,13 @@ def test_dali_that_builds_but_fails_on_its_first_run_falls_back_at_start_up(aske
     _require("dali")
     from nvidia.dali.pipeline import Pipeline
 
-    from fastcifar.config import build_config, resolve
-    from fastcifar.data.cifar import load_dataset
-    from fastcifar.distributed import DistInfo
-    from fastcifar.train import build_session
-
     def broken(self, *args, **kwargs):
         raise RuntimeError("CUDA allocation failed: out of memory")
 
     monkeypatch.setattr(Pipeline, "schedule_run", broken)
-    cfg = build_config(dataset="synthetic", synthetic_size=32, batch_size=8, wandb="off", loader=asked)
-    res = resolve(cfg)
-    res.loader = "dali"  # what auto resolves to on a CUDA machine where DALI imports
-    notices = []
-    ds = load_dataset("synthetic", synthetic_size=32)
-    if asked == "dali":
-        with pytest.raises(FastCifarError, match="--loader dali: DALI failed to start .*out of memory"):
-            build_session(cfg, DistInfo(), ds, res, notice=notices.append)
-        return
-    s = build_session(cfg, DistInfo(), ds, res, notice=notices.append)
-    assert res.loader == "torch" and type(s.train_loader).__name__ == "TorchTrainLoader"
-    assert len(notices) == 1 and "DALI failed to start (RuntimeError: CUDA allocation failed" in notices[0]
+    notices = _start_where_dali_fails(asked, "--loader dali: DALI failed to start .*out of memory")
+    if asked == "auto":
+        assert len(notices) == 1 and "DALI failed to start (RuntimeError: CUDA allocation failed" in notices[0]
 
 
 def test_dali_produces_one_batch_ahead_without_changing_the_batches(monkeypatch):

@@ -129,8 +129,9 @@ class _DaliRunner:
     def submit(self, images_hwc_uint8: torch.Tensor, **args: np.ndarray) -> None:
         """Feed one batch and schedule its iteration; collect() hands it over. DALI copies `images_hwc_uint8` (see
         the module docstring), so it may be freed after. An iteration still pending is taken and dropped first."""
-        if self.pending:
-            self.collect()
+        if self.pending:  # an abandoned epoch's batch: taken from DALI and dropped, never converted
+            self.pipe.outputs()
+            self.pending = False
         if self.on_gpu:
             stream = torch.cuda.current_stream(self.device)
             self.pipe.feed_input("images", images_hwc_uint8, cuda_stream=stream)  # copied on torch's stream
